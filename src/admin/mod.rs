@@ -1,0 +1,5 @@
+//! Admin: the settings row and the Dify configuration.
+
+pub mod db;
+pub mod domain;
+pub mod graphql;

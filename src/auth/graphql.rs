@@ -1,0 +1,139 @@
+//! `register` and `login`.
+
+use async_graphql::{Context, InputObject, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use diesel_async::AsyncConnection;
+
+use crate::db::types::now;
+use crate::error::{AppError, AppResult};
+use crate::graphql::context::ContextExt;
+use crate::users::db::{self, NewUserRecord, UserRecord};
+use crate::users::domain::{Email, UserId, check_password, clean_full_name};
+use crate::users::graphql::User;
+
+const BAD_CREDENTIALS: &str = "wrong email or password";
+
+/// A new account.
+#[derive(InputObject)]
+pub struct RegisterInput {
+    /// Trimmed and lower-cased; must look like an email address.
+    pub email: String,
+    /// 8 to 128 characters.
+    pub password: String,
+    /// Optional display name.
+    pub full_name: Option<String>,
+}
+
+/// Credentials to sign in with.
+#[derive(InputObject)]
+pub struct LoginInput {
+    /// The account's email (any case).
+    pub email: String,
+    /// The account's password.
+    pub password: String,
+}
+
+/// A signed-in session.
+#[derive(SimpleObject)]
+pub struct AuthPayload {
+    /// The JWT (HS256); send it as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Always `bearer`.
+    pub token_type: String,
+    /// When the token stops being accepted.
+    pub expires_at: DateTime<Utc>,
+    /// The signed-in account.
+    pub user: User,
+}
+
+fn payload(ctx: &Context<'_>, user: &UserRecord) -> AppResult<AuthPayload> {
+    let (token, expires_at) = ctx
+        .app()
+        .keys
+        .issue(user.id, user.token_version)
+        .map_err(AppError::internal)?;
+    Ok(AuthPayload {
+        token,
+        token_type: "bearer".into(),
+        expires_at,
+        user: user.into(),
+    })
+}
+
+#[derive(Default)]
+pub struct AuthMutation;
+
+#[Object]
+impl AuthMutation {
+    /// Creates an account and signs it in. The first account ever registered becomes admin.
+    async fn register(&self, ctx: &Context<'_>, input: RegisterInput) -> AppResult<AuthPayload> {
+        let email = Email::parse(&input.email)?;
+        check_password(&input.password)?;
+        let full_name = clean_full_name(input.full_name)?;
+        let app = ctx.app();
+        let hash = app
+            .passwords
+            .hash(&input.password)
+            .await
+            .map_err(AppError::internal)?;
+        let mut conn = app.db.get().await?;
+        let user = conn
+            .transaction::<_, AppError, _>(async |conn| {
+                // The settings row is the lock that makes "first account" race-free.
+                crate::admin::db::lock_settings(conn).await?;
+                let is_first = !db::any_exists(conn).await?;
+                let at = now();
+                let id = UserId::new();
+                let record = NewUserRecord {
+                    id,
+                    email: email.as_str(),
+                    password_hash: &hash,
+                    full_name: full_name.as_deref(),
+                    is_active: true,
+                    is_admin: is_first,
+                    token_version: 0,
+                    created_at: at,
+                    updated_at: at,
+                };
+                match db::insert(conn, &record).await {
+                    Err(diesel::result::Error::DatabaseError(
+                        diesel::result::DatabaseErrorKind::UniqueViolation,
+                        _,
+                    )) => return Err(AppError::Conflict("this email is already registered")),
+                    other => other?,
+                }
+                db::find(conn, id)
+                    .await?
+                    .ok_or_else(|| AppError::internal(anyhow::anyhow!("inserted user vanished")))
+            })
+            .await?;
+        tracing::info!(user.id = %user.id, user.is_admin = user.is_admin, "account registered");
+        payload(ctx, &user)
+    }
+
+    /// Signs in. An unknown email and a wrong password give the same error in similar time.
+    async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> AppResult<AuthPayload> {
+        let app = ctx.app();
+        let email = input.email.trim().to_lowercase();
+        let user = {
+            let mut conn = app.db.get().await?;
+            db::find_by_email(&mut conn, &email).await?
+        };
+        let Some(user) = user else {
+            app.passwords
+                .verify_dummy(&input.password)
+                .await
+                .map_err(AppError::internal)?;
+            return Err(AppError::Unauthenticated(BAD_CREDENTIALS));
+        };
+        let ok = app
+            .passwords
+            .verify(&input.password, &user.password_hash)
+            .await
+            .map_err(AppError::internal)?;
+        if !ok || !user.is_active {
+            return Err(AppError::Unauthenticated(BAD_CREDENTIALS));
+        }
+        payload(ctx, &user)
+    }
+}

@@ -1,0 +1,5 @@
+//! Sign-up, sign-in and tokens.
+
+pub mod graphql;
+pub mod password;
+pub mod token;

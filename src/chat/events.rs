@@ -1,0 +1,154 @@
+//! The `ChatEvent` types a `chat` subscription sends.
+
+use async_graphql::{ID, Interface, Json, SimpleObject};
+use serde_json::Value;
+
+use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Message, MessageFile};
+
+/// One event of an answer. Every event names the assistant message it belongs to and a
+/// sequence number that starts at 1 and grows by 1 per event of that message.
+#[derive(Interface)]
+#[graphql(
+    field(
+        name = "message_id",
+        ty = "&ID",
+        desc = "The assistant message this event belongs to."
+    ),
+    field(
+        name = "seq",
+        ty = "&i32",
+        desc = "1 for ChatStarted, then one more per event."
+    )
+)]
+pub enum ChatEvent {
+    ChatStarted(ChatStarted),
+    AnswerDelta(AnswerDelta),
+    AnswerReplaced(AnswerReplaced),
+    AgentThoughtUpdated(AgentThoughtUpdated),
+    MessageFileAdded(MessageFileAdded),
+    WorkflowProgress(WorkflowProgress),
+    DifyEvent(DifyEvent),
+    ChatCompleted(ChatCompleted),
+    ChatFailed(ChatFailed),
+}
+
+/// Always first: the turn is saved and the answer is about to stream.
+#[derive(SimpleObject)]
+pub struct ChatStarted {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// Always 1.
+    pub seq: i32,
+    /// The conversation (new on a first turn).
+    pub conversation: Conversation,
+    /// The user's query, saved.
+    pub user_message: Message,
+    /// The answer, saved empty with status STREAMING.
+    pub assistant_message: Message,
+}
+
+/// A piece of the answer (Dify `message`, `agent_message`, `text_chunk`): append it.
+#[derive(SimpleObject)]
+pub struct AnswerDelta {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// Text to append to the answer.
+    pub delta: String,
+}
+
+/// The whole answer so far replaces what was streamed (Dify `message_replace`, moderation).
+#[derive(SimpleObject)]
+pub struct AnswerReplaced {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// The answer so far.
+    pub answer: String,
+}
+
+/// An agent step started or filled in (Dify `agent_thought`; the same id is re-sent).
+#[derive(SimpleObject)]
+pub struct AgentThoughtUpdated {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// The step as it is now; replace any earlier version with the same id.
+    pub thought: AgentThought,
+}
+
+/// A file was attached to the answer (Dify `message_file`).
+#[derive(SimpleObject)]
+pub struct MessageFileAdded {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// The file.
+    pub file: MessageFile,
+}
+
+/// Workflow progress (Dify `workflow_*`, `node_*`, `iteration_*`, `loop_*`, `agent_log` …).
+#[derive(SimpleObject)]
+pub struct WorkflowProgress {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// Dify's event name, e.g. `node_finished`.
+    pub event: String,
+    /// The workflow run.
+    pub workflow_run_id: Option<String>,
+    /// The node, for node events.
+    pub node_id: Option<String>,
+    /// The node's type, e.g. `llm`.
+    pub node_type: Option<String>,
+    /// The node's title.
+    pub title: Option<String>,
+    /// `running`, `succeeded`, `failed`, `stopped` …
+    pub status: Option<String>,
+    /// Seconds the node or run took.
+    pub elapsed_time: Option<f64>,
+    /// Dify's `data` payload, untouched.
+    pub data: Json<Value>,
+}
+
+/// Any other Dify event (e.g. `message_end`, `tts_message`, human input, future events).
+#[derive(SimpleObject)]
+pub struct DifyEvent {
+    /// The assistant message being generated.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// Dify's event name.
+    pub event: String,
+    /// The whole Dify frame, untouched.
+    pub data: Json<Value>,
+}
+
+/// Last: the answer is saved with status COMPLETED or STOPPED.
+#[derive(SimpleObject)]
+pub struct ChatCompleted {
+    /// The assistant message.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// The answer as saved.
+    pub message: Message,
+}
+
+/// Last: Dify failed; the answer is saved with status FAILED and what had arrived.
+#[derive(SimpleObject)]
+pub struct ChatFailed {
+    /// The assistant message.
+    pub message_id: ID,
+    /// The event's sequence number.
+    pub seq: i32,
+    /// The answer as saved.
+    pub message: Message,
+    /// Why it failed.
+    pub error: ChatError,
+}

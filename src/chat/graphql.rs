@@ -1,0 +1,230 @@
+//! The `chat` subscription, `stopChat` and `setMessageFeedback`.
+
+use async_graphql::{Context, ID, InputObject, Json, Object, Subscription};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use serde_json::Value;
+
+use super::events::ChatEvent;
+use super::relay::{self, Turn};
+use super::{dify_user, stop_message};
+use crate::conversations::db as conversations_db;
+use crate::conversations::domain::{ConversationId, MessageId, MessageRole, Rating};
+use crate::conversations::graphql::Message;
+use crate::dify::client::ChatRequest;
+use crate::error::{AppError, AppResult, SESSION_INVALID};
+use crate::graphql::context::ContextExt;
+
+/// The longest query accepted, in characters.
+pub const QUERY_MAX_CHARS: usize = 32_000;
+
+/// A chat turn.
+#[derive(InputObject)]
+pub struct ChatInput {
+    /// The conversation to continue; omit to start a new one.
+    pub conversation_id: Option<ID>,
+    /// What the user asks (1 to 32000 characters). Workflow apps receive it as the input
+    /// variable `query`, unless `inputs` sets `query` itself.
+    pub query: String,
+    /// The Dify app's input variables, keyed by variable name; default `{}`.
+    pub inputs: Option<Json<Value>>,
+}
+
+#[derive(Default)]
+pub struct ChatSubscription;
+
+#[Subscription]
+impl ChatSubscription {
+    /// Sends a query to the Dify app and streams the answer: `ChatStarted` first, then Dify's
+    /// events in order, then `ChatCompleted` or `ChatFailed`, and the subscription completes.
+    /// The turn is saved before Dify is called and the answer is saved even if you disconnect.
+    /// Problems found before anything is saved are GraphQL errors; every Dify failure (including
+    /// Dify refusing the request) arrives as `ChatFailed`.
+    async fn chat(
+        &self,
+        ctx: &Context<'_>,
+        input: ChatInput,
+    ) -> async_graphql::Result<BoxStream<'static, ChatEvent>> {
+        Ok(start(ctx, input).await?)
+    }
+}
+
+/// Checks everything, saves the turn and spawns the relay; the stream is the relay's events.
+async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'static, ChatEvent>> {
+    let app = ctx.app().clone();
+    let viewer = ctx.user()?;
+    let query = input.query.trim().to_owned();
+    if query.is_empty() || query.chars().count() > QUERY_MAX_CHARS {
+        return Err(AppError::bad_input(
+            "query",
+            format!("the query must have 1 to {QUERY_MAX_CHARS} characters"),
+        ));
+    }
+    let inputs = match input.inputs.map(|j| j.0) {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(AppError::bad_input(
+                "inputs",
+                "inputs must be a JSON object",
+            ));
+        }
+    };
+    let conversation_id = input
+        .conversation_id
+        .map(|id| ConversationId::parse("conversationId", &id))
+        .transpose()?;
+
+    let mut conn = app.db.get().await?;
+    // A WebSocket can outlive its token: check the account again at each turn.
+    let user = crate::users::db::find(&mut conn, viewer.id).await?;
+    if !user.is_some_and(|u| u.is_active && u.token_version == viewer.token_version) {
+        return Err(AppError::Unauthenticated(SESSION_INVALID));
+    }
+    let existing = match conversation_id {
+        Some(id) => Some(
+            conversations_db::find_owned(&mut conn, id, viewer.id)
+                .await?
+                .ok_or(AppError::NotFound("conversation"))?,
+        ),
+        None => None,
+    };
+    drop(conn);
+    let dify = app.dify().await?;
+
+    let mut conn = app.db.get().await?;
+    let (conversation, question, answer) = super::db::begin_turn(
+        &mut conn,
+        viewer.id,
+        existing.as_ref().map(|c| c.id),
+        &query,
+    )
+    .await?;
+    drop(conn);
+    let request = ChatRequest {
+        query,
+        inputs,
+        user: dify_user(viewer.id),
+        conversation_id: conversation
+            .dify_conversation_id
+            .clone()
+            .filter(|_| dify.mode.has_conversations()),
+    };
+    let span = tracing::info_span!("chat", message.id = %answer.id, conversation.id = %conversation.id, user.id = %viewer.id);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = app.streams.register(answer.id);
+    let message_id = answer.id;
+    let streams = app.streams.clone();
+    let turn = Turn {
+        conversation,
+        question,
+        answer,
+        request,
+    };
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            relay::run(app, dify, turn, tx, handle).await;
+            streams.remove(message_id);
+        },
+        span,
+    ));
+    Ok(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    })
+    .boxed())
+}
+
+#[derive(Default)]
+pub struct ChatMutation;
+
+#[Object]
+impl ChatMutation {
+    /// Stops an answer being generated. The answer ends with `ChatCompleted`, status STOPPED,
+    /// keeping what had arrived. Stopping an answer that already ended changes nothing.
+    async fn stop_chat(&self, ctx: &Context<'_>, message_id: ID) -> AppResult<Message> {
+        let user = ctx.user()?;
+        let app = ctx.app();
+        let id = MessageId::parse("messageId", &message_id)?;
+        let message = owned_assistant_message(ctx, user.id, id, "messageId").await?;
+        let dify = app.dify().await.ok();
+        stop_message(app, dify.as_ref(), user.id, &message).await;
+        let mut conn = app.db.get().await?;
+        conversations_db::find_message(&mut conn, id)
+            .await?
+            .map(Message::from)
+            .ok_or(AppError::NotFound("message"))
+    }
+
+    /// Rates an answer (null revokes the rating). The rating is stored and sent to Dify with the
+    /// optional comment; if Dify fails, that is logged and the stored rating stands.
+    async fn set_message_feedback(
+        &self,
+        ctx: &Context<'_>,
+        message_id: ID,
+        rating: Option<Rating>,
+        #[graphql(desc = "An optional comment for the app's owners (sent to Dify, not stored).")]
+        content: Option<String>,
+    ) -> AppResult<Message> {
+        let user = ctx.user()?;
+        let app = ctx.app();
+        let id = MessageId::parse("messageId", &message_id)?;
+        let content = content
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty());
+        if content.as_ref().is_some_and(|c| c.chars().count() > 2000) {
+            return Err(AppError::bad_input(
+                "content",
+                "the comment must have at most 2000 characters",
+            ));
+        }
+        let message = owned_assistant_message(ctx, user.id, id, "messageId").await?;
+        let mut conn = app.db.get().await?;
+        conversations_db::set_feedback(&mut conn, id, rating).await?;
+        let stored = conversations_db::find_message(&mut conn, id)
+            .await?
+            .ok_or(AppError::NotFound("message"))?;
+        drop(conn);
+        if let Some(dify_message_id) = &message.dify_message_id {
+            let dify_rating = rating.map(|r| if r == Rating::Like { "like" } else { "dislike" });
+            match app.dify().await {
+                Ok(dify) => {
+                    if let Err(error) = dify
+                        .client
+                        .feedback(
+                            dify_message_id,
+                            dify_rating,
+                            content.as_deref(),
+                            &dify_user(user.id),
+                        )
+                        .await
+                    {
+                        tracing::warn!(message.id = %id, %error, "sending feedback to Dify failed");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(message.id = %id, error = error.message(), "feedback not sent to Dify")
+                }
+            }
+        }
+        Ok(stored.into())
+    }
+}
+
+async fn owned_assistant_message(
+    ctx: &Context<'_>,
+    user: crate::users::domain::UserId,
+    id: MessageId,
+    field: &'static str,
+) -> AppResult<conversations_db::MessageRecord> {
+    let mut conn = ctx.app().db.get().await?;
+    let message = conversations_db::find_message_owned(&mut conn, id, user)
+        .await?
+        .ok_or(AppError::NotFound("message"))?;
+    if message.role != MessageRole::Assistant {
+        return Err(AppError::bad_input(
+            field,
+            "this is a user message; pass an assistant message's id",
+        ));
+    }
+    Ok(message)
+}

@@ -1,0 +1,138 @@
+//! Chat: the `chat` subscription relaying Dify's stream, stopping answers, feedback, and the
+//! sweep that marks answers of dead gateway processes INTERRUPTED.
+
+pub mod db;
+pub mod events;
+pub mod graphql;
+pub mod relay;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::app::{App, Dify};
+use crate::conversations::db::MessageRecord;
+use crate::conversations::domain::{MessageId, MessageStatus};
+use crate::users::domain::UserId;
+
+/// The Dify `user` for an account: derived from its id, never chosen by the client.
+pub fn dify_user(user: UserId) -> String {
+    format!("rechat-{user}")
+}
+
+/// A running answer in this process.
+pub struct StreamHandle {
+    pub stop: Notify,
+    /// Becomes `true` when the answer is stored.
+    pub done: watch::Sender<bool>,
+}
+
+/// The answers this process is streaming, so a stop reaches them at once. Stops from other
+/// processes go through Dify (with the stored task id) and the `stop_requested` column.
+#[derive(Default, Clone)]
+pub struct Streams(Arc<Mutex<HashMap<MessageId, Arc<StreamHandle>>>>);
+
+impl Streams {
+    pub fn register(&self, id: MessageId) -> Arc<StreamHandle> {
+        let handle = Arc::new(StreamHandle {
+            stop: Notify::new(),
+            done: watch::Sender::new(false),
+        });
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, handle.clone());
+        handle
+    }
+
+    pub fn remove(&self, id: MessageId) {
+        if let Some(handle) = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            handle.done.send_replace(true);
+        }
+    }
+
+    pub fn get(&self, id: MessageId) -> Option<Arc<StreamHandle>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How long `stopChat` waits for a local answer to be stored as STOPPED.
+const STOP_WAIT: Duration = Duration::from_secs(8);
+
+/// Stops an answer being generated, wherever it streams: flags it in the database, asks Dify to
+/// stop the task, and wakes the local relay (waiting for it to store the answer). Failures are
+/// logged: a stop is best effort, and the answer is stored either way.
+pub async fn stop_message(app: &App, dify: Option<&Dify>, user: UserId, message: &MessageRecord) {
+    if message.status != MessageStatus::Streaming {
+        return;
+    }
+    let task_id = async {
+        let mut conn = app.db.get().await?;
+        db::request_stop(&mut conn, message.id).await?;
+        let current = crate::conversations::db::find_message(&mut conn, message.id).await?;
+        Ok::<_, anyhow::Error>(current.and_then(|m| m.dify_task_id))
+    }
+    .await
+    .unwrap_or_else(|error| {
+        tracing::error!(
+            error = format!("{error:#}"),
+            "recording the stop request failed"
+        );
+        message.dify_task_id.clone()
+    });
+    if let (Some(dify), Some(task_id)) = (dify, task_id)
+        && let Err(error) = dify
+            .client
+            .stop(dify.mode, &task_id, &dify_user(user))
+            .await
+        {
+            tracing::warn!(%error, dify.task_id = task_id, "Dify stop failed");
+        }
+    if let Some(handle) = app.streams.get(message.id) {
+        handle.stop.notify_one();
+        let mut done = handle.done.subscribe();
+        let _ = tokio::time::timeout(STOP_WAIT, done.wait_for(|done| *done)).await;
+    }
+}
+
+/// Marks answers of dead processes INTERRUPTED now and then, for as long as the process runs.
+pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            every.tick().await;
+            let result = async {
+                let mut conn = app.db.get().await?;
+                Ok::<_, anyhow::Error>(
+                    db::sweep_interrupted(&mut conn, app.config.stale_stream_after).await?,
+                )
+            }
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    messages = n,
+                    "answers of a stopped gateway marked INTERRUPTED"
+                ),
+                Err(error) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    "sweeping interrupted answers failed"
+                ),
+            }
+        }
+    })
+}

@@ -1,0 +1,527 @@
+//! `Conversation`, `Message` and their queries and mutations. Every id is checked against the
+//! signed-in user: someone else's conversation or message is `NOT_FOUND`.
+
+use async_graphql::{ComplexObject, Context, ID, InputObject, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use diesel_async::AsyncConnection;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::conversations::db::{
+    self, ConversationChange, ConversationFilter, ConversationKey, ConversationRecord,
+    MessageRecord, like_pattern,
+};
+use crate::conversations::domain::{
+    ConversationId, MessageId, MessageRole, MessageStatus, Rating, clean_title,
+};
+use crate::db::types::utc;
+use crate::error::{AppError, AppResult};
+use crate::graphql::context::ContextExt;
+use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};
+use crate::users::db::UserRecord;
+
+/// A chat with the Dify app: its messages and how it is filed.
+#[derive(SimpleObject, Clone)]
+#[graphql(complex)]
+pub struct Conversation {
+    /// The conversation's id.
+    pub id: ID,
+    /// The title: the first query, until renamed.
+    pub title: String,
+    /// Archived conversations are listed only with `conversations(archived: true)`.
+    pub is_archived: bool,
+    /// Pinned conversations come first in the list.
+    pub is_pinned: bool,
+    /// How many messages (queries and answers) the conversation has.
+    pub message_count: i32,
+    /// When the conversation was started.
+    pub created_at: DateTime<Utc>,
+    /// Moves with every new message.
+    pub updated_at: DateTime<Utc>,
+    #[graphql(skip)]
+    pub record_id: ConversationId,
+}
+
+impl From<&ConversationRecord> for Conversation {
+    fn from(c: &ConversationRecord) -> Self {
+        Self {
+            id: c.id.into(),
+            title: c.title.clone(),
+            is_archived: c.is_archived,
+            is_pinned: c.is_pinned,
+            message_count: c.message_count,
+            created_at: utc(c.created_at),
+            updated_at: utc(c.updated_at),
+            record_id: c.id,
+        }
+    }
+}
+
+#[ComplexObject]
+impl Conversation {
+    /// The conversation's messages, oldest first. Page forward with `first`/`after` or backward
+    /// with `last`/`before` (e.g. `last: 20` for the newest twenty); the default is `first: 20`.
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+    ) -> AppResult<Page<Message>> {
+        message_page(
+            ctx,
+            self.record_id,
+            self.message_count,
+            first,
+            after,
+            last,
+            before,
+        )
+        .await
+    }
+}
+
+/// Why an answer failed.
+#[derive(SimpleObject, Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChatError {
+    /// Dify's error code (e.g. `completion_request_error`), or rechat's own
+    /// (`upstream_unavailable`, `stream_interrupted`, `workflow_failed`).
+    pub code: String,
+    /// A readable explanation.
+    pub message: String,
+    /// Dify's HTTP status, when Dify gave one.
+    pub status: Option<i32>,
+}
+
+/// Token usage and cost of an answer, as Dify reported it.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: i64,
+    /// Tokens in the answer.
+    pub completion_tokens: i64,
+    /// Prompt and answer tokens together.
+    pub total_tokens: i64,
+    /// The price as a decimal string, as Dify sends it.
+    pub total_price: Option<String>,
+    /// The price's currency, e.g. USD.
+    pub currency: Option<String>,
+    /// Seconds Dify took.
+    pub latency: Option<f64>,
+}
+
+/// A knowledge-base passage the answer drew on.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct RetrieverResource {
+    /// Citation number.
+    pub position: Option<i32>,
+    /// The knowledge base's id.
+    pub dataset_id: Option<String>,
+    /// The knowledge base's name.
+    pub dataset_name: Option<String>,
+    /// The document's id.
+    pub document_id: Option<String>,
+    /// The document's name.
+    pub document_name: Option<String>,
+    /// The passage's id.
+    pub segment_id: Option<String>,
+    /// Relevance score.
+    pub score: Option<f64>,
+    /// The passage text.
+    pub content: Option<String>,
+}
+
+/// One reasoning/tool step of an agent app.
+#[derive(SimpleObject, Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AgentThought {
+    /// The thought's id (Dify re-sends the same id as the step fills in).
+    pub id: ID,
+    /// The step's number, from 1.
+    pub position: i32,
+    /// The agent's reasoning text.
+    pub thought: String,
+    /// The tool(s) called, `;`-separated.
+    pub tool: Option<String>,
+    /// The tool input as JSON text.
+    pub tool_input: Option<String>,
+    /// What the tool returned.
+    pub observation: Option<String>,
+    /// Ids of files the step produced.
+    pub files: Vec<String>,
+}
+
+/// A file attached to an answer (e.g. an image a tool produced).
+#[derive(SimpleObject, Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MessageFile {
+    /// The file's id.
+    pub id: ID,
+    /// The kind of file, e.g. `image`.
+    #[graphql(name = "type")]
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where to fetch it.
+    pub url: Option<String>,
+    /// `assistant` or `user`.
+    pub belongs_to: Option<String>,
+}
+
+/// A query or an answer.
+#[derive(SimpleObject, Clone)]
+pub struct Message {
+    /// The message's id.
+    pub id: ID,
+    /// The conversation it belongs to.
+    pub conversation_id: ID,
+    /// Who wrote it.
+    pub role: MessageRole,
+    /// The text; for an answer still streaming, what has been saved so far.
+    pub content: String,
+    /// Where the message is in its life.
+    pub status: MessageStatus,
+    /// Set when status is FAILED.
+    pub error: Option<ChatError>,
+    /// Assistant messages: tokens and cost, from Dify.
+    pub usage: Option<Usage>,
+    /// Knowledge-base passages the answer cites.
+    pub retriever_resources: Vec<RetrieverResource>,
+    /// Agent apps: the reasoning and tool steps.
+    pub agent_thoughts: Vec<AgentThought>,
+    /// Files attached to the answer.
+    pub files: Vec<MessageFile>,
+    /// The user's rating, if any.
+    pub feedback: Option<Rating>,
+    /// When the message was created.
+    pub created_at: DateTime<Utc>,
+    /// When the message last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T> {
+    text.as_deref().and_then(|t| serde_json::from_str(t).ok())
+}
+
+fn int(v: &Value, key: &str) -> Option<i64> {
+    v.get(key).and_then(|x| {
+        x.as_i64()
+            .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+    })
+}
+
+fn text(v: &Value, key: &str) -> Option<String> {
+    match v.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn float(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(|x| {
+        x.as_f64()
+            .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+    })
+}
+
+/// Reads Dify's `usage` object.
+pub fn usage_from_dify(v: &Value) -> Usage {
+    Usage {
+        prompt_tokens: int(v, "prompt_tokens").unwrap_or(0),
+        completion_tokens: int(v, "completion_tokens").unwrap_or(0),
+        total_tokens: int(v, "total_tokens").unwrap_or(0),
+        total_price: text(v, "total_price"),
+        currency: text(v, "currency"),
+        latency: float(v, "latency"),
+    }
+}
+
+fn resource_from_dify(v: &Value) -> RetrieverResource {
+    RetrieverResource {
+        position: int(v, "position").map(|p| p as i32),
+        dataset_id: text(v, "dataset_id"),
+        dataset_name: text(v, "dataset_name"),
+        document_id: text(v, "document_id"),
+        document_name: text(v, "document_name"),
+        segment_id: text(v, "segment_id"),
+        score: float(v, "score"),
+        content: text(v, "content"),
+    }
+}
+
+impl From<MessageRecord> for Message {
+    fn from(m: MessageRecord) -> Self {
+        let usage = parse_json::<Value>(&m.usage).map(|u| usage_from_dify(&u));
+        let retriever_resources = parse_json::<Vec<Value>>(&m.retriever_resources)
+            .unwrap_or_default()
+            .iter()
+            .map(resource_from_dify)
+            .collect();
+        Self {
+            id: m.id.into(),
+            conversation_id: m.conversation_id.into(),
+            role: m.role,
+            status: m.status,
+            error: parse_json(&m.error),
+            usage,
+            retriever_resources,
+            agent_thoughts: parse_json(&m.agent_thoughts).unwrap_or_default(),
+            files: parse_json(&m.files).unwrap_or_default(),
+            feedback: m.feedback,
+            created_at: utc(m.created_at),
+            updated_at: utc(m.updated_at),
+            content: m.content,
+        }
+    }
+}
+
+/// Changes to a conversation; omitted fields stay as they are.
+#[derive(InputObject)]
+pub struct UpdateConversationInput {
+    /// A new title, 1 to 255 characters after trimming; also renamed in Dify.
+    pub title: Option<String>,
+    /// Archive (hide from the default list) or restore.
+    pub is_archived: Option<bool>,
+    /// Pin to the top of the list, or unpin.
+    pub is_pinned: Option<bool>,
+}
+
+pub async fn owned_conversation(
+    ctx: &Context<'_>,
+    user: &UserRecord,
+    id: ConversationId,
+) -> AppResult<ConversationRecord> {
+    let mut conn = ctx.app().db.get().await?;
+    db::find_owned(&mut conn, id, user.id)
+        .await?
+        .ok_or(AppError::NotFound("conversation"))
+}
+
+async fn message_page(
+    ctx: &Context<'_>,
+    conversation: ConversationId,
+    total: i32,
+    first: Option<i32>,
+    after: Option<String>,
+    last: Option<i32>,
+    before: Option<String>,
+) -> AppResult<Page<Message>> {
+    let (forward, limit, cursor) = match (first, last) {
+        (Some(_), Some(_)) => {
+            return Err(AppError::bad_input("last", "give first or last, not both"));
+        }
+        (_, Some(_)) if after.is_some() => {
+            return Err(AppError::bad_input(
+                "after",
+                "page backward with last and before",
+            ));
+        }
+        (Some(_), _) | (None, None) if before.is_some() => {
+            return Err(AppError::bad_input(
+                "before",
+                "page forward with first and after",
+            ));
+        }
+        (_, Some(last)) => (false, page_size("last", last)?, before),
+        (first, None) => (true, page_size("first", first.unwrap_or(20))?, after),
+    };
+    let field = if forward { "after" } else { "before" };
+    let cursor = cursor
+        .map(|c| decode_cursor::<MessageId>(field, &c))
+        .transpose()?;
+    let mut conn = ctx.app().db.get().await?;
+    let mut rows = db::message_page(&mut conn, conversation, forward, cursor, limit + 1).await?;
+    if !forward {
+        rows.reverse();
+    }
+    Ok(build_page(
+        rows,
+        limit,
+        forward,
+        cursor.is_some(),
+        i64::from(total),
+        |m| m.id,
+        Message::from,
+    ))
+}
+
+#[derive(Default)]
+pub struct ConversationQuery;
+
+#[Object]
+impl ConversationQuery {
+    /// Your conversations: pinned first, then most recent activity. Archived ones only with
+    /// `archived: true`. `search` matches titles and message text (case-insensitive substring).
+    async fn conversations(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20, desc = "Page size, 1 to 100.")] first: i32,
+        #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
+        #[graphql(
+            default = false,
+            desc = "List archived conversations instead of the others."
+        )]
+        archived: bool,
+        #[graphql(desc = "Words to look for in titles and messages (at most 200 characters).")]
+        search: Option<String>,
+    ) -> AppResult<Page<Conversation>> {
+        let user = ctx.user()?;
+        let limit = page_size("first", first)?;
+        let after = after
+            .map(|c| decode_cursor::<ConversationKey>("after", &c))
+            .transpose()?;
+        let search = search
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        if search.as_ref().is_some_and(|s| s.chars().count() > 200) {
+            return Err(AppError::bad_input(
+                "search",
+                "search for at most 200 characters",
+            ));
+        }
+        let pattern = search.as_deref().map(like_pattern);
+        let filter = ConversationFilter {
+            owner: user.id,
+            archived,
+            search: pattern.as_deref(),
+        };
+        let mut conn = ctx.app().db.get().await?;
+        let rows = db::page(&mut conn, &filter, after, limit + 1).await?;
+        let total = db::count(&mut conn, &filter).await?;
+        Ok(build_page(
+            rows,
+            limit,
+            true,
+            after.is_some(),
+            total,
+            |c: &ConversationRecord| ConversationKey::from(c),
+            |c| Conversation::from(&c),
+        ))
+    }
+
+    /// One of your conversations; null when it does not exist or is not yours.
+    async fn conversation(&self, ctx: &Context<'_>, id: ID) -> AppResult<Option<Conversation>> {
+        let user = ctx.user()?;
+        let id = ConversationId::parse("id", &id)?;
+        match owned_conversation(ctx, user, id).await {
+            Ok(c) => Ok(Some((&c).into())),
+            Err(AppError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The messages of one of your conversations, oldest first (see `Conversation.messages`).
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        conversation_id: ID,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+    ) -> AppResult<Page<Message>> {
+        let user = ctx.user()?;
+        let id = ConversationId::parse("conversationId", &conversation_id)?;
+        let conversation = owned_conversation(ctx, user, id).await?;
+        message_page(
+            ctx,
+            id,
+            conversation.message_count,
+            first,
+            after,
+            last,
+            before,
+        )
+        .await
+    }
+
+    /// One of your messages; null when it does not exist or is not yours.
+    async fn message(&self, ctx: &Context<'_>, id: ID) -> AppResult<Option<Message>> {
+        let user = ctx.user()?;
+        let id = MessageId::parse("id", &id)?;
+        let mut conn = ctx.app().db.get().await?;
+        Ok(db::find_message_owned(&mut conn, id, user.id)
+            .await?
+            .map(Message::from))
+    }
+}
+
+#[derive(Default)]
+pub struct ConversationMutation;
+
+#[Object]
+impl ConversationMutation {
+    /// Renames, archives or pins one of your conversations. A rename is also sent to Dify; if
+    /// Dify fails, that is logged and the local rename stands.
+    async fn update_conversation(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        input: UpdateConversationInput,
+    ) -> AppResult<Conversation> {
+        let user = ctx.user()?;
+        let id = ConversationId::parse("id", &id)?;
+        let change = ConversationChange {
+            title: input.title.as_deref().map(clean_title).transpose()?,
+            is_archived: input.is_archived,
+            is_pinned: input.is_pinned,
+        };
+        let app = ctx.app();
+        let mut conn = app.db.get().await?;
+        if !db::update(&mut conn, id, user.id, &change).await? {
+            return Err(AppError::NotFound("conversation"));
+        }
+        let conversation = db::find_owned(&mut conn, id, user.id)
+            .await?
+            .ok_or(AppError::NotFound("conversation"))?;
+        drop(conn);
+        if let (Some(title), Some(dify_id)) = (&change.title, &conversation.dify_conversation_id) {
+            match app.dify().await {
+                Ok(dify) => {
+                    if let Err(error) = dify
+                        .client
+                        .rename_conversation(dify_id, title, &crate::chat::dify_user(user.id))
+                        .await
+                    {
+                        tracing::warn!(conversation.id = %id, %error, "renaming the conversation in Dify failed");
+                    }
+                }
+                Err(AppError::DifyNotConfigured) => {}
+                Err(error) => {
+                    tracing::warn!(conversation.id = %id, error = error.message(), "renaming in Dify skipped")
+                }
+            }
+        }
+        Ok((&conversation).into())
+    }
+
+    /// Deletes one of your conversations and its messages, here and in Dify. A running answer
+    /// is stopped first. If Dify fails, that is logged and the local delete still happens.
+    async fn delete_conversation(&self, ctx: &Context<'_>, id: ID) -> AppResult<ID> {
+        let user = ctx.user()?;
+        let id = ConversationId::parse("id", &id)?;
+        let app = ctx.app();
+        let conversation = owned_conversation(ctx, user, id).await?;
+        let dify = match app.dify().await {
+            Ok(dify) => Some(dify),
+            Err(AppError::DifyNotConfigured) => None,
+            Err(error) => return Err(error),
+        };
+        let mut conn = app.db.get().await?;
+        for message in db::streaming_messages(&mut conn, id).await? {
+            crate::chat::stop_message(app, dify.as_ref(), user.id, &message).await;
+        }
+        conn.transaction::<_, AppError, _>(async |conn| Ok(db::delete(conn, id).await?))
+            .await?;
+        drop(conn);
+        if let (Some(dify), Some(dify_id)) = (dify, &conversation.dify_conversation_id)
+            && let Err(error) = dify
+                .client
+                .delete_conversation(dify_id, &crate::chat::dify_user(user.id))
+                .await
+            {
+                tracing::warn!(conversation.id = %id, %error, "deleting the conversation in Dify failed");
+            }
+        tracing::info!(conversation.id = %id, "conversation deleted");
+        Ok(id.into())
+    }
+}

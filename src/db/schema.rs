@@ -1,0 +1,69 @@
+// Written to match `migrations/` (MySQL dialect); `diesel print-schema` produces the same tables.
+
+diesel::table! {
+    users (id) {
+        id -> Binary,
+        email -> Varchar,
+        password_hash -> Varchar,
+        full_name -> Nullable<Varchar>,
+        is_active -> Bool,
+        is_admin -> Bool,
+        token_version -> Integer,
+        created_at -> Datetime,
+        updated_at -> Datetime,
+    }
+}
+
+diesel::table! {
+    settings (id) {
+        id -> Integer,
+        secret_key -> Nullable<Varchar>,
+        dify_api_key_encrypted -> Nullable<Varbinary>,
+        dify_api_key_preview -> Nullable<Varchar>,
+        dify_api_url -> Nullable<Varchar>,
+        dify_app_mode -> Nullable<Varchar>,
+        dify_app_name -> Nullable<Varchar>,
+        dify_updated_at -> Nullable<Datetime>,
+    }
+}
+
+diesel::table! {
+    conversations (id) {
+        id -> Binary,
+        user_id -> Binary,
+        title -> Varchar,
+        is_archived -> Bool,
+        is_pinned -> Bool,
+        dify_conversation_id -> Nullable<Varchar>,
+        message_count -> Integer,
+        created_at -> Datetime,
+        updated_at -> Datetime,
+    }
+}
+
+diesel::table! {
+    messages (id) {
+        id -> Binary,
+        conversation_id -> Binary,
+        role -> Varchar,
+        content -> Mediumtext,
+        status -> Varchar,
+        error -> Nullable<Text>,
+        dify_message_id -> Nullable<Varchar>,
+        dify_task_id -> Nullable<Varchar>,
+        dify_workflow_run_id -> Nullable<Varchar>,
+        usage -> Nullable<Text>,
+        retriever_resources -> Nullable<Mediumtext>,
+        agent_thoughts -> Nullable<Mediumtext>,
+        files -> Nullable<Mediumtext>,
+        feedback -> Nullable<Varchar>,
+        stop_requested -> Bool,
+        created_at -> Datetime,
+        updated_at -> Datetime,
+    }
+}
+
+diesel::joinable!(conversations -> users (user_id));
+diesel::joinable!(messages -> conversations (conversation_id));
+
+diesel::allow_tables_to_appear_in_same_query!(users, settings, conversations, messages);

@@ -1,0 +1,255 @@
+//! Typed Dify stream events (DIFY.md §5), decoded from a frame's JSON by hand so that missing,
+//! null or re-typed fields in other Dify versions never lose an event: anything unrecognised
+//! becomes `Event::Other` with its payload intact.
+
+use serde_json::{Map, Value};
+
+/// Ids Dify puts on the frames; any of them may be absent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ids {
+    pub conversation_id: Option<String>,
+    pub message_id: Option<String>,
+    pub task_id: Option<String>,
+    pub workflow_run_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentThought {
+    pub id: String,
+    pub position: i32,
+    pub thought: String,
+    pub tool: Option<String>,
+    pub tool_input: Option<String>,
+    pub observation: Option<String>,
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageFile {
+    pub id: String,
+    pub kind: String,
+    pub url: Option<String>,
+    pub belongs_to: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// `message`, `agent_message` or `text_chunk`: a piece of the answer.
+    AnswerDelta(String),
+    /// `message_replace` / `text_replace`: the whole answer so far (output moderation).
+    AnswerReplaced(String),
+    AgentThought(AgentThought),
+    MessageFile(MessageFile),
+    /// `message_end`: usage, retriever resources and files in `metadata`.
+    MessageEnd {
+        usage: Option<Value>,
+        retriever_resources: Option<Value>,
+        files: Option<Value>,
+    },
+    /// `workflow_*`, `node_*`, `iteration_*`, `loop_*`, `parallel_branch_*`, `agent_log`.
+    Workflow {
+        event: String,
+        data: Value,
+    },
+    /// `workflow_finished`; also relayed as workflow progress.
+    WorkflowFinished {
+        status: String,
+        error: Option<String>,
+        outputs: Option<Value>,
+        total_tokens: Option<i64>,
+        data: Value,
+    },
+    /// `error`: terminal.
+    Error {
+        code: String,
+        status: Option<u16>,
+        message: String,
+    },
+    /// Anything else (tts, human input, reasoning, future events).
+    Other {
+        event: String,
+    },
+}
+
+/// A decoded frame: the event, the ids it carried and the payload untouched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    pub name: String,
+    pub event: Event,
+    pub ids: Ids,
+    pub raw: Value,
+}
+
+fn string(map: &Map<String, Value>, key: &str) -> Option<String> {
+    match map.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn non_empty(map: &Map<String, Value>, key: &str) -> Option<String> {
+    string(map, key).filter(|s| !s.is_empty())
+}
+
+const WORKFLOW_PREFIXES: &[&str] = &[
+    "workflow_",
+    "node_",
+    "iteration_",
+    "loop_",
+    "parallel_branch_",
+];
+
+/// Decodes one `data:` payload. `Err` only when it is not a JSON object with an `event`.
+pub fn decode(data: &str) -> Result<StreamEvent, String> {
+    let raw: Value = serde_json::from_str(data).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(map) = &raw else {
+        return Err("not a JSON object".into());
+    };
+    let name = string(map, "event").ok_or("no event field")?;
+    let data = map.get("data").and_then(Value::as_object);
+    let ids = Ids {
+        conversation_id: non_empty(map, "conversation_id"),
+        message_id: non_empty(map, "message_id"),
+        task_id: non_empty(map, "task_id"),
+        workflow_run_id: non_empty(map, "workflow_run_id"),
+    };
+    let event = match name.as_str() {
+        "message" | "agent_message" => {
+            Event::AnswerDelta(string(map, "answer").unwrap_or_default())
+        }
+        "text_chunk" => {
+            Event::AnswerDelta(data.and_then(|d| string(d, "text")).unwrap_or_default())
+        }
+        "message_replace" => Event::AnswerReplaced(string(map, "answer").unwrap_or_default()),
+        "text_replace" => {
+            Event::AnswerReplaced(data.and_then(|d| string(d, "text")).unwrap_or_default())
+        }
+        "agent_thought" => Event::AgentThought(AgentThought {
+            id: string(map, "id").unwrap_or_default(),
+            position: map.get("position").and_then(Value::as_i64).unwrap_or(0) as i32,
+            thought: string(map, "thought").unwrap_or_default(),
+            tool: non_empty(map, "tool"),
+            tool_input: non_empty(map, "tool_input"),
+            observation: non_empty(map, "observation"),
+            files: map
+                .get("message_files")
+                .and_then(Value::as_array)
+                .map(|files| {
+                    files
+                        .iter()
+                        .filter_map(|f| f.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }),
+        "message_file" => Event::MessageFile(MessageFile {
+            id: string(map, "id").unwrap_or_default(),
+            kind: string(map, "type").unwrap_or_else(|| "file".into()),
+            url: non_empty(map, "url"),
+            belongs_to: non_empty(map, "belongs_to"),
+        }),
+        "message_end" => {
+            let metadata = map.get("metadata").and_then(Value::as_object);
+            let pick = |key: &str| {
+                metadata
+                    .and_then(|m| m.get(key))
+                    .filter(|v| !v.is_null())
+                    .cloned()
+            };
+            Event::MessageEnd {
+                usage: pick("usage"),
+                retriever_resources: pick("retriever_resources"),
+                files: map.get("files").filter(|v| !v.is_null()).cloned(),
+            }
+        }
+        "workflow_finished" => {
+            let d = data.cloned().unwrap_or_default();
+            Event::WorkflowFinished {
+                status: string(&d, "status").unwrap_or_default(),
+                error: non_empty(&d, "error"),
+                outputs: d.get("outputs").filter(|v| !v.is_null()).cloned(),
+                total_tokens: d.get("total_tokens").and_then(Value::as_i64),
+                data: Value::Object(d),
+            }
+        }
+        "error" => Event::Error {
+            code: non_empty(map, "code").unwrap_or_else(|| "internal_server_error".into()),
+            status: map
+                .get("status")
+                .and_then(Value::as_u64)
+                .and_then(|s| u16::try_from(s).ok()),
+            message: non_empty(map, "message").unwrap_or_else(|| "Dify reported an error".into()),
+        },
+        other if other == "agent_log" || WORKFLOW_PREFIXES.iter().any(|p| other.starts_with(p)) => {
+            Event::Workflow {
+                event: other.to_owned(),
+                data: map
+                    .get("data")
+                    .cloned()
+                    .unwrap_or(Value::Object(Map::new())),
+            }
+        }
+        other => Event::Other {
+            event: other.to_owned(),
+        },
+    };
+    Ok(StreamEvent {
+        name,
+        event,
+        ids,
+        raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_json_styles_decode_alike() {
+        let compact = decode(r#"{"event":"message","conversation_id":"c","message_id":"m","task_id":"t","answer":"你好"}"#).unwrap();
+        let legacy = decode(r#"{"event": "message", "conversation_id": "c", "message_id": "m", "task_id": "t", "answer": "\u4f60\u597d"}"#).unwrap();
+        assert_eq!(compact.event, Event::AnswerDelta("你好".into()));
+        assert_eq!(compact.event, legacy.event);
+        assert_eq!(compact.ids, legacy.ids);
+        let emoji = decode(r#"{"event": "message", "answer": "\ud83d\ude00"}"#).unwrap();
+        assert_eq!(emoji.event, Event::AnswerDelta("😀".into()));
+    }
+
+    #[test]
+    fn workflow_and_unknown_events_keep_their_payload() {
+        let e = decode(r#"{"event":"node_started","workflow_run_id":"w","task_id":"t","data":{"node_id":"1","title":"开始"}}"#).unwrap();
+        assert!(
+            matches!(&e.event, Event::Workflow { event, data } if event == "node_started" && data["title"] == "开始")
+        );
+        assert_eq!(e.ids.workflow_run_id.as_deref(), Some("w"));
+        let e = decode(r#"{"event":"tts_message","audio":"AAA"}"#).unwrap();
+        assert_eq!(
+            e.event,
+            Event::Other {
+                event: "tts_message".into()
+            }
+        );
+        assert_eq!(e.raw["audio"], "AAA");
+    }
+
+    #[test]
+    fn errors_and_garbage() {
+        let e = decode(
+            r#"{"event":"error","code":"completion_request_error","status":400,"message":"boom"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.event,
+            Event::Error {
+                code: "completion_request_error".into(),
+                status: Some(400),
+                message: "boom".into()
+            }
+        );
+        assert!(decode("not json").is_err());
+        assert!(decode("[1]").is_err());
+        assert!(decode(r#"{"answer":"x"}"#).is_err());
+    }
+}

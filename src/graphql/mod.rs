@@ -1,0 +1,53 @@
+//! The GraphQL schema: per-domain roots merged into `Query`, `Mutation` and `Subscription`.
+
+pub mod context;
+pub mod pagination;
+
+use async_graphql::{MergedObject, MergedSubscription, Schema, SchemaBuilder};
+
+use crate::admin::graphql::{AdminMutation, AdminQuery};
+use crate::app::App;
+use crate::auth::graphql::AuthMutation;
+use crate::chat::graphql::{ChatMutation, ChatSubscription};
+use crate::conversations::graphql::{ConversationMutation, ConversationQuery};
+use crate::users::graphql::{UserMutation, UserQuery};
+
+#[derive(MergedObject, Default)]
+pub struct Query(UserQuery, ConversationQuery, AdminQuery);
+
+#[derive(MergedObject, Default)]
+pub struct Mutation(
+    AuthMutation,
+    ConversationMutation,
+    ChatMutation,
+    AdminMutation,
+    UserMutation,
+);
+
+#[derive(MergedSubscription, Default)]
+pub struct Subscription(ChatSubscription);
+
+pub type AppSchema = Schema<Query, Mutation, Subscription>;
+
+/// Deep enough for GraphiQL's introspection query, shallow enough to stop abusive nesting.
+pub const MAX_DEPTH: usize = 16;
+pub const MAX_COMPLEXITY: usize = 5_000;
+
+pub fn schema_builder() -> SchemaBuilder<Query, Mutation, Subscription> {
+    Schema::build(
+        Query::default(),
+        Mutation::default(),
+        Subscription::default(),
+    )
+    .limit_depth(MAX_DEPTH)
+    .limit_complexity(MAX_COMPLEXITY)
+}
+
+pub fn schema(app: App) -> AppSchema {
+    schema_builder().data(app).finish()
+}
+
+/// The SDL that `rechat schema` prints and `schema.graphql` pins.
+pub fn sdl() -> String {
+    schema_builder().finish().sdl()
+}

@@ -1,0 +1,369 @@
+//! HTTP routes: `/graphql` (POST JSON, GET queries and GraphiQL, WebSocket), `/graphql/ws`,
+//! `/schema.graphql`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_graphql::Data;
+use async_graphql::http::{GraphiQLSource, WebSocketProtocols, WsMessage};
+use async_graphql::parser::types::{DocumentOperations, OperationType};
+use async_graphql_axum::GraphQLResponse;
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use futures::{SinkExt, StreamExt};
+use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::graphql::context::Viewer;
+use crate::graphql::{self, AppSchema};
+
+/// Largest accepted request body; a chat query is far smaller.
+pub const BODY_LIMIT: usize = 256 * 1024;
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Clone)]
+struct HttpState {
+    app: App,
+    schema: AppSchema,
+}
+
+pub fn router(app: App) -> Router {
+    let cors_origins = app.config.cors_origins.clone();
+    let state = HttpState {
+        schema: graphql::schema(app.clone()),
+        app,
+    };
+    let mut router = Router::new()
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/graphql/ws", get(graphql_ws_only))
+        .route("/schema.graphql", get(schema_sdl))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state);
+    if !cors_origins.is_empty() {
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(cors_origins))
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .max_age(Duration::from_secs(3600)),
+        );
+    }
+    router
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// A GraphQL-shaped error answer for problems found before execution.
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({ "errors": [{ "message": message, "extensions": { "code": code } }] })),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+async fn execute(
+    state: &HttpState,
+    headers: &HeaderMap,
+    request: async_graphql::Request,
+) -> Response {
+    let viewer = match Viewer::from_credentials(&state.app, bearer(headers)).await {
+        Ok(viewer) => viewer,
+        Err(error) => {
+            let error = async_graphql::Error::from(error);
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "INTERNAL_SERVER_ERROR",
+                &error.message,
+            );
+        }
+    };
+    GraphQLResponse::from(state.schema.execute(request.data(viewer)).await).into_response()
+}
+
+async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "BAD_USER_INPUT",
+            "send GraphQL requests as Content-Type: application/json",
+        );
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BAD_USER_INPUT",
+            "batched requests are not supported",
+        );
+    }
+    let request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "BAD_USER_INPUT",
+                &format!("the body is not a GraphQL request: {e}"),
+            );
+        }
+    };
+    execute(&state, &headers, request).await
+}
+
+fn is_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// The operation a request would run, when its document parses.
+fn operation_type(request: &async_graphql::Request) -> Option<OperationType> {
+    let document = async_graphql::parser::parse_query(&request.query).ok()?;
+    match (&document.operations, request.operation_name.as_deref()) {
+        (DocumentOperations::Single(op), _) => Some(op.node.ty),
+        (DocumentOperations::Multiple(ops), Some(name)) => ops.get(name).map(|op| op.node.ty),
+        (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => {
+            ops.values().next().map(|op| op.node.ty)
+        }
+        _ => None,
+    }
+}
+
+async fn graphql_get(State(state): State<HttpState>, request: Request) -> Response {
+    if is_websocket(request.headers()) {
+        return websocket(state, request).await;
+    }
+    let query = request.uri().query().unwrap_or("");
+    if !query.split('&').any(|pair| pair.starts_with("query=")) {
+        return Html(
+            GraphiQLSource::build()
+                .endpoint("/graphql")
+                .subscription_endpoint("/graphql")
+                .title("rechat GraphiQL")
+                .finish(),
+        )
+        .into_response();
+    }
+    let graphql_request = match async_graphql::http::parse_query_string(query) {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "BAD_USER_INPUT", &e.to_string()),
+    };
+    if matches!(
+        operation_type(&graphql_request),
+        Some(OperationType::Mutation | OperationType::Subscription)
+    ) {
+        return (
+            [(header::ALLOW, "POST")],
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "BAD_USER_INPUT",
+                "only queries may be sent with GET; send mutations with POST",
+            ),
+        )
+            .into_response();
+    }
+    execute(&state, request.headers(), graphql_request).await
+}
+
+async fn graphql_ws_only(State(state): State<HttpState>, request: Request) -> Response {
+    websocket(state, request).await
+}
+
+async fn websocket(state: HttpState, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let protocol = parts
+        .headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|list| {
+            list.split(',')
+                .find_map(|p| p.trim().parse::<WebSocketProtocols>().ok())
+        });
+    let Some(protocol) = protocol else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BAD_USER_INPUT",
+            "ask for the graphql-transport-ws or graphql-ws subprotocol (Sec-WebSocket-Protocol)",
+        );
+    };
+    let header_credentials = bearer(&parts.headers).map(str::to_owned);
+    let span = tracing::Span::current();
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| {
+            serve_websocket(socket, protocol, state, header_credentials).instrument(span)
+        })
+}
+
+/// Credentials from a `connection_init` payload: `Authorization` (any case) or `token`.
+fn init_credentials(payload: &serde_json::Value) -> Option<String> {
+    let object = payload.as_object()?;
+    object
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, v)| v.as_str())
+        .or_else(|| object.get("token").and_then(|v| v.as_str()))
+        .map(str::to_owned)
+}
+
+/// Runs one GraphQL WebSocket connection. Beyond what async-graphql does, it closes a connection
+/// that has not sent `connection_init` in time (4408) and answers a bad token with 4403, as the
+/// graphql-transport-ws protocol specifies.
+async fn serve_websocket(
+    socket: WebSocket,
+    protocol: WebSocketProtocols,
+    state: HttpState,
+    header_credentials: Option<String>,
+) {
+    let (mut sink, stream) = socket.split();
+    let initialised = Arc::new(AtomicBool::new(false));
+    let rejected = Arc::new(AtomicBool::new(false));
+    let input = stream
+        .take_while(|message| futures::future::ready(message.is_ok()))
+        .filter_map(|message| {
+            futures::future::ready(match message {
+                Ok(Message::Text(text)) => Some(Bytes::from(text)),
+                Ok(Message::Binary(bytes)) => Some(bytes),
+                _ => None,
+            })
+        });
+    let on_init = {
+        let (app, initialised, rejected) =
+            (state.app.clone(), initialised.clone(), rejected.clone());
+        move |payload: serde_json::Value| async move {
+            let credentials = init_credentials(&payload).or(header_credentials);
+            let viewer = Viewer::from_credentials(&app, credentials.as_deref())
+                .await
+                .map_err(|_| async_graphql::Error::new("the server could not check the token"))?;
+            if matches!(viewer, Viewer::Rejected) {
+                rejected.store(true, Ordering::SeqCst);
+                return Err(async_graphql::Error::new(
+                    "Forbidden: the token is invalid, expired or revoked",
+                ));
+            }
+            initialised.store(true, Ordering::SeqCst);
+            let mut data = Data::default();
+            data.insert(viewer);
+            Ok(data)
+        }
+    };
+    let messages = async_graphql::http::WebSocket::new(state.schema.clone(), input, protocol)
+        .on_connection_init(on_init)
+        .keepalive_timeout(None);
+    futures::pin_mut!(messages);
+    let deadline = tokio::time::sleep(state.app.config.ws_init_timeout);
+    tokio::pin!(deadline);
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => message,
+            () = &mut deadline, if !initialised.load(Ordering::SeqCst) => {
+                Some(WsMessage::Close(4408, "Connection initialisation timeout".into()))
+            }
+        };
+        let message = match message {
+            None => break,
+            Some(WsMessage::Text(text)) => Message::Text(text.into()),
+            Some(WsMessage::Close(code, reason)) => {
+                let (code, reason) = if rejected.load(Ordering::SeqCst) {
+                    (4403, "Forbidden".to_owned())
+                } else {
+                    (code, reason)
+                };
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    })))
+                    .await;
+                return;
+            }
+        };
+        if sink.send(message).await.is_err() {
+            return;
+        }
+    }
+    // The legacy protocol reports a rejected init as `connection_error` and then ends: close too.
+    let code = if rejected.load(Ordering::SeqCst) {
+        4403
+    } else {
+        1000
+    };
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: "".into(),
+        })))
+        .await;
+}
+
+async fn schema_sdl() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        graphql::sdl(),
+    )
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let check = async {
+        use diesel_async::RunQueryDsl;
+        let mut conn = state
+            .app
+            .db
+            .get()
+            .await
+            .map_err(|_| "MySQL connection failed")?;
+        diesel::sql_query("SELECT 1")
+            .execute(&mut conn)
+            .await
+            .map_err(|_| "MySQL query failed")?;
+        Ok::<_, &str>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "reason": reason })),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "reason": "MySQL did not answer within 3 s" })),
+        )
+            .into_response(),
+    }
+}

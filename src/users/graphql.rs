@@ -1,0 +1,162 @@
+//! `User`, `me`, and the admin's user management.
+
+use async_graphql::{Context, ID, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use diesel_async::AsyncConnection;
+
+use crate::db::types::utc;
+use crate::error::{AppError, AppResult};
+use crate::graphql::context::ContextExt;
+use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};
+use crate::users::db::{self, UserRecord};
+use crate::users::domain::UserId;
+
+/// An account that can sign in to rechat.
+#[derive(SimpleObject, Clone)]
+pub struct User {
+    /// The account's id (a UUID).
+    pub id: ID,
+    /// The sign-in email, lower-cased.
+    pub email: String,
+    /// The display name, if one was given.
+    pub full_name: Option<String>,
+    /// Inactive accounts cannot sign in, and their tokens are refused.
+    pub is_active: bool,
+    /// Admins manage users and the Dify configuration.
+    pub is_admin: bool,
+    /// When the account was created.
+    pub created_at: DateTime<Utc>,
+    /// When the account last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<&UserRecord> for User {
+    fn from(user: &UserRecord) -> Self {
+        Self {
+            id: user.id.into(),
+            email: user.email.clone(),
+            full_name: user.full_name.clone(),
+            is_active: user.is_active,
+            is_admin: user.is_admin,
+            created_at: utc(user.created_at),
+            updated_at: utc(user.updated_at),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct UserQuery;
+
+#[Object]
+impl UserQuery {
+    /// The signed-in account.
+    async fn me(&self, ctx: &Context<'_>) -> AppResult<User> {
+        Ok(ctx.user()?.into())
+    }
+
+    /// Every account, oldest first. Admin only.
+    async fn users(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20, desc = "Page size, 1 to 100.")] first: i32,
+        #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
+    ) -> AppResult<Page<User>> {
+        ctx.admin()?;
+        let limit = page_size("first", first)?;
+        let after = after
+            .map(|c| decode_cursor::<UserId>("after", &c))
+            .transpose()?;
+        let mut conn = ctx.app().db.get().await?;
+        let rows = db::page(&mut conn, after, limit + 1).await?;
+        let total = db::count(&mut conn).await?;
+        Ok(build_page(
+            rows,
+            limit,
+            true,
+            after.is_some(),
+            total,
+            |u| u.id,
+            |u| User::from(&u),
+        ))
+    }
+}
+
+#[derive(Default)]
+pub struct UserMutation;
+
+#[Object]
+impl UserMutation {
+    /// Grants or removes the admin flag. Admin only; the last active admin cannot lose it.
+    async fn set_user_admin(
+        &self,
+        ctx: &Context<'_>,
+        user_id: ID,
+        is_admin: bool,
+    ) -> AppResult<User> {
+        ctx.admin()?;
+        let id = UserId::parse("userId", &user_id)?;
+        change_user(ctx, id, UserChange::Admin(is_admin)).await
+    }
+
+    /// Activates or deactivates an account. Admin only. Deactivation revokes every token of the
+    /// user at once; the last active admin cannot be deactivated.
+    async fn set_user_active(
+        &self,
+        ctx: &Context<'_>,
+        user_id: ID,
+        is_active: bool,
+    ) -> AppResult<User> {
+        ctx.admin()?;
+        let id = UserId::parse("userId", &user_id)?;
+        change_user(ctx, id, UserChange::Active(is_active)).await
+    }
+}
+
+#[derive(Clone, Copy)]
+enum UserChange {
+    Admin(bool),
+    Active(bool),
+}
+
+/// Locks the user's row, applies the change and returns the user as stored, in one transaction.
+async fn change_user(ctx: &Context<'_>, id: UserId, change: UserChange) -> AppResult<User> {
+    let mut conn = ctx.app().db.get().await?;
+    let user = conn
+        .transaction::<_, AppError, _>(async |conn| {
+            let user = db::find_for_update(conn, id)
+                .await?
+                .ok_or(AppError::NotFound("user"))?;
+            match change {
+                UserChange::Admin(is_admin) => {
+                    if user.is_admin && !is_admin {
+                        ensure_not_last_admin(conn, user.id, "isAdmin").await?;
+                    }
+                    db::set_admin(conn, user.id, is_admin).await?;
+                }
+                UserChange::Active(is_active) => {
+                    if user.is_admin && user.is_active && !is_active {
+                        ensure_not_last_admin(conn, user.id, "isActive").await?;
+                    }
+                    db::set_active(conn, user.id, is_active).await?;
+                }
+            }
+            db::find(conn, id).await?.ok_or(AppError::NotFound("user"))
+        })
+        .await?;
+    Ok((&user).into())
+}
+
+async fn ensure_not_last_admin(
+    conn: &mut diesel_async::AsyncMysqlConnection,
+    id: UserId,
+    field: &'static str,
+) -> AppResult<()> {
+    let admins = db::lock_active_admins(conn).await?;
+    if admins.iter().all(|a| *a == id) {
+        return Err(AppError::bad_input(
+            field,
+            "this is the last active admin; make another account admin first",
+        ));
+    }
+    Ok(())
+}
