@@ -12,9 +12,11 @@ use crate::chat::graphql::{ChatMutation, ChatSubscription};
 use crate::conversations::graphql::{ConversationMutation, ConversationQuery};
 use crate::users::graphql::{UserMutation, UserQuery};
 
+/// Reads: your account, your conversations and messages, and (admins) users and Dify settings.
 #[derive(MergedObject, Default)]
 pub struct Query(UserQuery, ConversationQuery, AdminQuery);
 
+/// Changes: sign-up and sign-in, conversations, answers, and (admins) users and Dify settings.
 #[derive(MergedObject, Default)]
 pub struct Mutation(
     AuthMutation,
@@ -24,6 +26,7 @@ pub struct Mutation(
     UserMutation,
 );
 
+/// Live streams over WebSocket (graphql-transport-ws or graphql-ws).
 #[derive(MergedSubscription, Default)]
 pub struct Subscription(ChatSubscription);
 

@@ -1,0 +1,11 @@
+//! End-to-end tests: the production router on a real port, a fresh MariaDB database per test,
+//! a fake Dify speaking Dify's protocol, real HTTP and WebSocket clients.
+
+mod harness;
+
+mod accounts;
+mod chat;
+mod conversations;
+mod http_surface;
+mod schema;
+mod websocket;
