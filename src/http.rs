@@ -347,10 +347,11 @@ async fn readyz(State(state): State<HttpState>) -> Response {
             .get()
             .await
             .map_err(|_| "MySQL connection failed")?;
-        diesel::sql_query("SELECT 1")
+        // A real table, so a missing or unmigrated database is not ready either.
+        diesel::sql_query("SELECT id FROM settings LIMIT 1")
             .execute(&mut conn)
             .await
-            .map_err(|_| "MySQL query failed")?;
+            .map_err(|_| "the rechat database does not answer")?;
         Ok::<_, &str>(())
     };
     match tokio::time::timeout(Duration::from_secs(3), check).await {
