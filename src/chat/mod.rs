@@ -73,9 +73,11 @@ impl Streams {
 /// How long `stopChat` waits for a local answer to be stored as STOPPED.
 const STOP_WAIT: Duration = Duration::from_secs(8);
 
-/// Stops an answer being generated, wherever it streams: flags it in the database, asks Dify to
-/// stop the task, and wakes the local relay (waiting for it to store the answer). Failures are
-/// logged: a stop is best effort, and the answer is stored either way.
+/// Stops an answer being generated, wherever it streams. The database flag makes the answer end
+/// STOPPED whichever process streams it. A relay in this process is woken (it asks Dify to stop
+/// with the task id it read) and awaited until the answer is stored; otherwise Dify is asked
+/// here with the stored task id. Failures are logged: a stop is best effort, and the answer is
+/// stored either way.
 pub async fn stop_message(app: &App, dify: Option<&Dify>, user: UserId, message: &MessageRecord) {
     if message.status != MessageStatus::Streaming {
         return;
@@ -88,24 +90,17 @@ pub async fn stop_message(app: &App, dify: Option<&Dify>, user: UserId, message:
     }
     .await
     .unwrap_or_else(|error| {
-        tracing::error!(
-            error = format!("{error:#}"),
-            "recording the stop request failed"
-        );
+        tracing::error!(error = format!("{error:#}"), "recording the stop request failed");
         message.dify_task_id.clone()
     });
-    if let (Some(dify), Some(task_id)) = (dify, task_id)
-        && let Err(error) = dify
-            .client
-            .stop(dify.mode, &task_id, &dify_user(user))
-            .await
-        {
-            tracing::warn!(%error, dify.task_id = task_id, "Dify stop failed");
-        }
     if let Some(handle) = app.streams.get(message.id) {
         handle.stop.notify_one();
         let mut done = handle.done.subscribe();
         let _ = tokio::time::timeout(STOP_WAIT, done.wait_for(|done| *done)).await;
+    } else if let (Some(dify), Some(task_id)) = (dify, task_id) {
+        if let Err(error) = dify.client.stop(dify.mode, &task_id, &dify_user(user)).await {
+            tracing::warn!(%error, dify.task_id = task_id, "Dify stop failed");
+        }
     }
 }
 

@@ -354,18 +354,19 @@ impl ConversationQuery {
     async fn conversations(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 20, desc = "Page size, 1 to 100.")] first: i32,
+        #[graphql(default_with = "Some(20)", desc = "Page size, 1 to 100.")] first: Option<i32>,
         #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
         #[graphql(
-            default = false,
+            default_with = "Some(false)",
             desc = "List archived conversations instead of the others."
         )]
-        archived: bool,
+        archived: Option<bool>,
         #[graphql(desc = "Words to look for in titles and messages (at most 200 characters).")]
         search: Option<String>,
     ) -> AppResult<Page<Conversation>> {
         let user = ctx.user()?;
-        let limit = page_size("first", first)?;
+        let limit = page_size("first", first.unwrap_or(20))?;
+        let archived = archived.unwrap_or(false);
         let after = after
             .map(|c| decode_cursor::<ConversationKey>("after", &c))
             .transpose()?;

@@ -58,11 +58,11 @@ impl UserQuery {
     async fn users(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 20, desc = "Page size, 1 to 100.")] first: i32,
+        #[graphql(default_with = "Some(20)", desc = "Page size, 1 to 100.")] first: Option<i32>,
         #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
     ) -> AppResult<Page<User>> {
         ctx.admin()?;
-        let limit = page_size("first", first)?;
+        let limit = page_size("first", first.unwrap_or(20))?;
         let after = after
             .map(|c| decode_cursor::<UserId>("after", &c))
             .transpose()?;
