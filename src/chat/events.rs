@@ -21,7 +21,7 @@ use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Messa
     )
 )]
 pub enum ChatEvent {
-    ChatStarted(ChatStarted),
+    ChatStarted(Box<ChatStarted>),
     AnswerDelta(AnswerDelta),
     AnswerReplaced(AnswerReplaced),
     AgentThoughtUpdated(AgentThoughtUpdated),

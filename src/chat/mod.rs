@@ -90,17 +90,23 @@ pub async fn stop_message(app: &App, dify: Option<&Dify>, user: UserId, message:
     }
     .await
     .unwrap_or_else(|error| {
-        tracing::error!(error = format!("{error:#}"), "recording the stop request failed");
+        tracing::error!(
+            error = format!("{error:#}"),
+            "recording the stop request failed"
+        );
         message.dify_task_id.clone()
     });
     if let Some(handle) = app.streams.get(message.id) {
         handle.stop.notify_one();
         let mut done = handle.done.subscribe();
         let _ = tokio::time::timeout(STOP_WAIT, done.wait_for(|done| *done)).await;
-    } else if let (Some(dify), Some(task_id)) = (dify, task_id) {
-        if let Err(error) = dify.client.stop(dify.mode, &task_id, &dify_user(user)).await {
-            tracing::warn!(%error, dify.task_id = task_id, "Dify stop failed");
-        }
+    } else if let (Some(dify), Some(task_id)) = (dify, task_id)
+        && let Err(error) = dify
+            .client
+            .stop(dify.mode, &task_id, &dify_user(user))
+            .await
+    {
+        tracing::warn!(%error, dify.task_id = task_id, "Dify stop failed");
     }
 }
 

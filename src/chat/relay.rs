@@ -113,13 +113,13 @@ pub async fn run(
         stop_sent: false,
     };
     let seq = relay.next_seq();
-    relay.emit(ChatEvent::ChatStarted(ChatStarted {
+    relay.emit(ChatEvent::ChatStarted(Box::new(ChatStarted {
         message_id: relay.id.clone(),
         seq,
         conversation: Conversation::from(&relay.conversation),
         user_message: question.into(),
         assistant_message: answer.into(),
-    }));
+    })));
     let outcome = relay.consume(request, &handle).await;
     relay.finish(outcome).await;
 }
@@ -468,10 +468,12 @@ impl Relay {
     }
 
     async fn finish(mut self, outcome: Outcome) {
-        if self.dify.mode == AppMode::Workflow && self.content.is_empty()
-            && let Some(outputs) = &self.workflow_outputs {
-                self.content = outputs_text(outputs);
-            }
+        if self.dify.mode == AppMode::Workflow
+            && self.content.is_empty()
+            && let Some(outputs) = &self.workflow_outputs
+        {
+            self.content = outputs_text(outputs);
+        }
         if self.usage.is_none() {
             self.usage = self
                 .workflow_tokens

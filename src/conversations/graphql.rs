@@ -519,9 +519,9 @@ impl ConversationMutation {
                 .client
                 .delete_conversation(dify_id, &crate::chat::dify_user(user.id))
                 .await
-            {
-                tracing::warn!(conversation.id = %id, %error, "deleting the conversation in Dify failed");
-            }
+        {
+            tracing::warn!(conversation.id = %id, %error, "deleting the conversation in Dify failed");
+        }
         tracing::info!(conversation.id = %id, "conversation deleted");
         Ok(id.into())
     }

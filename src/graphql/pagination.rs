@@ -95,8 +95,18 @@ where
             rows.remove(0);
         }
     }
-    let (has_previous_page, has_next_page) = if forward { (has_cursor, more) } else { (more, has_cursor) };
-    let edges: Vec<Edge<T>> = rows.into_iter().map(|row| Edge { cursor: encode_cursor(key(&row)), node: node(row) }).collect();
+    let (has_previous_page, has_next_page) = if forward {
+        (has_cursor, more)
+    } else {
+        (more, has_cursor)
+    };
+    let edges: Vec<Edge<T>> = rows
+        .into_iter()
+        .map(|row| Edge {
+            cursor: encode_cursor(key(&row)),
+            node: node(row),
+        })
+        .collect();
     Page {
         page_info: PageInfo {
             has_previous_page,

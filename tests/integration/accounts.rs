@@ -4,7 +4,8 @@ use serde_json::json;
 use crate::harness::{TestApp, error_code};
 
 const REGISTER: &str = "mutation($input: RegisterInput!) { register(input: $input) { token tokenType expiresAt user { id email fullName isAdmin isActive } } }";
-const LOGIN: &str = "mutation($input: LoginInput!) { login(input: $input) { token user { email } } }";
+const LOGIN: &str =
+    "mutation($input: LoginInput!) { login(input: $input) { token user { email } } }";
 const ME: &str = "{ me { id email isAdmin } }";
 
 #[tokio::test(flavor = "multi_thread")]
@@ -18,7 +19,13 @@ async fn the_first_account_is_admin_and_emails_are_normalised() {
     assert_eq!(user["fullName"], "Ada");
     assert_eq!(user["isAdmin"], true);
     assert_eq!(first["data"]["register"]["tokenType"], "bearer");
-    let second = app.gql(None, REGISTER, json!({ "input": { "email": "bob@example.com", "password": "12345678" } })).await;
+    let second = app
+        .gql(
+            None,
+            REGISTER,
+            json!({ "input": { "email": "bob@example.com", "password": "12345678" } }),
+        )
+        .await;
     assert_eq!(second["data"]["register"]["user"]["isAdmin"], false);
 
     let token = second["data"]["register"]["token"].as_str().unwrap();
@@ -33,18 +40,36 @@ async fn registration_refuses_bad_input_and_taken_emails() {
     for (email, password, code, field) in [
         ("not-an-email", "12345678", "BAD_USER_INPUT", Some("email")),
         ("a@b", "12345678", "BAD_USER_INPUT", Some("email")),
-        ("short@example.com", "1234567", "BAD_USER_INPUT", Some("password")),
-        ("long@example.com", &"x".repeat(129), "BAD_USER_INPUT", Some("password")),
+        (
+            "short@example.com",
+            "1234567",
+            "BAD_USER_INPUT",
+            Some("password"),
+        ),
+        (
+            "long@example.com",
+            &"x".repeat(129),
+            "BAD_USER_INPUT",
+            Some("password"),
+        ),
         ("TAKEN@example.com", "12345678", "CONFLICT", None),
     ] {
-        let answer = app.gql(None, REGISTER, json!({ "input": { "email": email, "password": password } })).await;
+        let answer = app
+            .gql(
+                None,
+                REGISTER,
+                json!({ "input": { "email": email, "password": password } }),
+            )
+            .await;
         assert_eq!(error_code(&answer), code, "{email}: {answer}");
         if let Some(field) = field {
             assert_eq!(answer["errors"][0]["extensions"]["field"], field);
         }
         assert!(answer["data"].is_null());
     }
-    let count = app.sql_strings("SELECT CAST(COUNT(*) AS CHAR) AS value FROM users").await;
+    let count = app
+        .sql_strings("SELECT CAST(COUNT(*) AS CHAR) AS value FROM users")
+        .await;
     assert_eq!(count, ["1"]);
 }
 
@@ -52,14 +77,38 @@ async fn registration_refuses_bad_input_and_taken_emails() {
 async fn login_gives_one_answer_for_unknown_email_and_wrong_password() {
     let app = TestApp::spawn().await;
     app.register("ada@example.com").await;
-    let ok = app.gql(None, LOGIN, json!({ "input": { "email": "ADA@example.com", "password": "correct horse battery" } })).await;
+    let ok = app
+        .gql(
+            None,
+            LOGIN,
+            json!({ "input": { "email": "ADA@example.com", "password": "correct horse battery" } }),
+        )
+        .await;
     assert_eq!(ok["data"]["login"]["user"]["email"], "ada@example.com");
 
-    let wrong = app.gql(None, LOGIN, json!({ "input": { "email": "ada@example.com", "password": "wrong password" } })).await;
-    let unknown = app.gql(None, LOGIN, json!({ "input": { "email": "nobody@example.com", "password": "wrong password" } })).await;
+    let wrong = app
+        .gql(
+            None,
+            LOGIN,
+            json!({ "input": { "email": "ada@example.com", "password": "wrong password" } }),
+        )
+        .await;
+    let unknown = app
+        .gql(
+            None,
+            LOGIN,
+            json!({ "input": { "email": "nobody@example.com", "password": "wrong password" } }),
+        )
+        .await;
     assert_eq!(error_code(&wrong), "UNAUTHENTICATED");
-    assert_eq!(wrong["errors"][0]["message"], unknown["errors"][0]["message"]);
-    assert_eq!(wrong["errors"][0]["extensions"], unknown["errors"][0]["extensions"]);
+    assert_eq!(
+        wrong["errors"][0]["message"],
+        unknown["errors"][0]["message"]
+    );
+    assert_eq!(
+        wrong["errors"][0]["extensions"],
+        unknown["errors"][0]["extensions"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -71,11 +120,34 @@ async fn bad_tampered_and_expired_tokens_are_unauthenticated() {
     let last = tampered.pop().unwrap();
     tampered.push(if last == 'A' { 'B' } else { 'A' });
     let now = chrono::Utc::now().timestamp();
-    let expired = app.app.keys.sign(&Claims { sub: user.id.clone(), iat: now - 7200, exp: now - 3600, ver: 0 }).unwrap();
-    let foreign = rechat::auth::token::Keys::new(b"some-other-secret-key-of-32-bytes!!", std::time::Duration::from_secs(60))
-        .sign(&Claims { sub: user.id.clone(), iat: now, exp: now + 600, ver: 0 })
+    let expired = app
+        .app
+        .keys
+        .sign(&Claims {
+            sub: user.id.clone(),
+            iat: now - 7200,
+            exp: now - 3600,
+            ver: 0,
+        })
         .unwrap();
-    for bad in [None, Some("garbage"), Some(tampered.as_str()), Some(expired.as_str()), Some(foreign.as_str())] {
+    let foreign = rechat::auth::token::Keys::new(
+        b"some-other-secret-key-of-32-bytes!!",
+        std::time::Duration::from_secs(60),
+    )
+    .sign(&Claims {
+        sub: user.id.clone(),
+        iat: now,
+        exp: now + 600,
+        ver: 0,
+    })
+    .unwrap();
+    for bad in [
+        None,
+        Some("garbage"),
+        Some(tampered.as_str()),
+        Some(expired.as_str()),
+        Some(foreign.as_str()),
+    ] {
         let answer = app.gql(bad, ME, json!({})).await;
         assert_eq!(error_code(&answer), "UNAUTHENTICATED", "{bad:?}");
     }
@@ -98,14 +170,25 @@ async fn deactivation_revokes_tokens_and_refuses_login() {
     let app = TestApp::spawn().await;
     let (admin, user) = app.admin_and_user().await;
     const SET_ACTIVE: &str = "mutation($id: ID!, $on: Boolean!) { setUserActive(userId: $id, isActive: $on) { isActive } }";
-    let off = admin.gql(SET_ACTIVE, json!({ "id": user.id, "on": false })).await;
+    let off = admin
+        .gql(SET_ACTIVE, json!({ "id": user.id, "on": false }))
+        .await;
     assert_eq!(off["data"]["setUserActive"]["isActive"], false);
-    assert_eq!(error_code(&user.gql(ME, json!({})).await), "UNAUTHENTICATED");
+    assert_eq!(
+        error_code(&user.gql(ME, json!({})).await),
+        "UNAUTHENTICATED"
+    );
     let login = app.gql(None, LOGIN, json!({ "input": { "email": "user@example.com", "password": "correct horse battery" } })).await;
     assert_eq!(error_code(&login), "UNAUTHENTICATED");
 
-    admin.gql(SET_ACTIVE, json!({ "id": user.id, "on": true })).await;
-    assert_eq!(error_code(&user.gql(ME, json!({})).await), "UNAUTHENTICATED", "old tokens stay revoked");
+    admin
+        .gql(SET_ACTIVE, json!({ "id": user.id, "on": true }))
+        .await;
+    assert_eq!(
+        error_code(&user.gql(ME, json!({})).await),
+        "UNAUTHENTICATED",
+        "old tokens stay revoked"
+    );
     let login = app.gql(None, LOGIN, json!({ "input": { "email": "user@example.com", "password": "correct horse battery" } })).await;
     assert!(login["data"]["login"]["token"].is_string());
 }
@@ -114,28 +197,66 @@ async fn deactivation_revokes_tokens_and_refuses_login() {
 async fn admin_fields_are_guarded_and_the_last_admin_keeps_the_flag() {
     let app = TestApp::spawn().await;
     let (admin, user) = app.admin_and_user().await;
-    const SET_ADMIN: &str = "mutation($id: ID!, $on: Boolean!) { setUserAdmin(userId: $id, isAdmin: $on) { isAdmin } }";
-    for query in ["{ users { totalCount } }", "{ difyConfig { isConfigured } }"] {
+    const SET_ADMIN: &str =
+        "mutation($id: ID!, $on: Boolean!) { setUserAdmin(userId: $id, isAdmin: $on) { isAdmin } }";
+    for query in [
+        "{ users { totalCount } }",
+        "{ difyConfig { isConfigured } }",
+    ] {
         assert_eq!(error_code(&user.gql(query, json!({})).await), "FORBIDDEN");
-        assert_eq!(error_code(&app.anon().gql(query, json!({})).await), "UNAUTHENTICATED");
+        assert_eq!(
+            error_code(&app.anon().gql(query, json!({})).await),
+            "UNAUTHENTICATED"
+        );
     }
-    assert_eq!(error_code(&user.gql(SET_ADMIN, json!({ "id": user.id, "on": true })).await), "FORBIDDEN");
+    assert_eq!(
+        error_code(
+            &user
+                .gql(SET_ADMIN, json!({ "id": user.id, "on": true }))
+                .await
+        ),
+        "FORBIDDEN"
+    );
 
-    let last = admin.gql(SET_ADMIN, json!({ "id": admin.id, "on": false })).await;
+    let last = admin
+        .gql(SET_ADMIN, json!({ "id": admin.id, "on": false }))
+        .await;
     assert_eq!(error_code(&last), "BAD_USER_INPUT");
     let deactivate_last = admin
-        .gql("mutation($id: ID!) { setUserActive(userId: $id, isActive: false) { id } }", json!({ "id": admin.id }))
+        .gql(
+            "mutation($id: ID!) { setUserActive(userId: $id, isActive: false) { id } }",
+            json!({ "id": admin.id }),
+        )
         .await;
     assert_eq!(error_code(&deactivate_last), "BAD_USER_INPUT");
 
-    let promoted = admin.gql(SET_ADMIN, json!({ "id": user.id, "on": true })).await;
+    let promoted = admin
+        .gql(SET_ADMIN, json!({ "id": user.id, "on": true }))
+        .await;
     assert_eq!(promoted["data"]["setUserAdmin"]["isAdmin"], true);
-    let demoted = user.gql(SET_ADMIN, json!({ "id": admin.id, "on": false })).await;
+    let demoted = user
+        .gql(SET_ADMIN, json!({ "id": admin.id, "on": false }))
+        .await;
     assert_eq!(demoted["data"]["setUserAdmin"]["isAdmin"], false);
-    assert_eq!(error_code(&admin.gql("{ users { totalCount } }", json!({})).await), "FORBIDDEN");
+    assert_eq!(
+        error_code(&admin.gql("{ users { totalCount } }", json!({})).await),
+        "FORBIDDEN"
+    );
 
-    assert_eq!(error_code(&user.gql(SET_ADMIN, json!({ "id": "nope", "on": true })).await), "BAD_USER_INPUT");
-    let unknown = user.gql(SET_ADMIN, json!({ "id": uuid::Uuid::now_v7().to_string(), "on": true })).await;
+    assert_eq!(
+        error_code(
+            &user
+                .gql(SET_ADMIN, json!({ "id": "nope", "on": true }))
+                .await
+        ),
+        "BAD_USER_INPUT"
+    );
+    let unknown = user
+        .gql(
+            SET_ADMIN,
+            json!({ "id": uuid::Uuid::now_v7().to_string(), "on": true }),
+        )
+        .await;
     assert_eq!(error_code(&unknown), "NOT_FOUND");
 }
 
@@ -153,15 +274,31 @@ async fn users_page_forward_with_opaque_cursors() {
         let page = admin.gql(USERS, json!({ "after": after })).await;
         let users = &page["data"]["users"];
         assert_eq!(users["totalCount"], 5);
-        emails.extend(users["nodes"].as_array().unwrap().iter().map(|n| n["email"].as_str().unwrap().to_owned()));
+        emails.extend(
+            users["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["email"].as_str().unwrap().to_owned()),
+        );
         if users["pageInfo"]["hasNextPage"] == false {
             break;
         }
         after = users["pageInfo"]["endCursor"].clone();
     }
-    assert_eq!(emails, (0..5).map(|i| format!("a{i}@example.com")).collect::<Vec<_>>());
+    assert_eq!(
+        emails,
+        (0..5)
+            .map(|i| format!("a{i}@example.com"))
+            .collect::<Vec<_>>()
+    );
     for (first, cursor) in [(0, None), (101, None), (2, Some("not-a-cursor"))] {
-        let answer = admin.gql("query($f: Int!, $a: String) { users(first: $f, after: $a) { totalCount } }", json!({ "f": first, "a": cursor })).await;
+        let answer = admin
+            .gql(
+                "query($f: Int!, $a: String) { users(first: $f, after: $a) { totalCount } }",
+                json!({ "f": first, "a": cursor }),
+            )
+            .await;
         assert_eq!(error_code(&answer), "BAD_USER_INPUT", "{answer}");
     }
 }
@@ -171,13 +308,34 @@ async fn create_admin_creates_or_promotes() {
     let app = TestApp::spawn().await;
     app.register("first@example.com").await;
     let user = app.register("later@example.com").await;
-    let said = rechat::users::admin_account(&app.app, "LATER@example.com", "new password 1").await.unwrap();
+    let said = rechat::users::admin_account(&app.app, "LATER@example.com", "new password 1")
+        .await
+        .unwrap();
     assert!(said.contains("now an active admin"));
-    assert_eq!(error_code(&user.gql(ME, json!({})).await), "UNAUTHENTICATED", "password reset revokes tokens");
-    let login = app.gql(None, LOGIN, json!({ "input": { "email": "later@example.com", "password": "new password 1" } })).await;
+    assert_eq!(
+        error_code(&user.gql(ME, json!({})).await),
+        "UNAUTHENTICATED",
+        "password reset revokes tokens"
+    );
+    let login = app
+        .gql(
+            None,
+            LOGIN,
+            json!({ "input": { "email": "later@example.com", "password": "new password 1" } }),
+        )
+        .await;
     let token = login["data"]["login"]["token"].as_str().unwrap();
-    assert_eq!(app.gql(Some(token), ME, json!({})).await["data"]["me"]["isAdmin"], true);
-    let said = rechat::users::admin_account(&app.app, "fresh@example.com", "another pass").await.unwrap();
+    assert_eq!(
+        app.gql(Some(token), ME, json!({})).await["data"]["me"]["isAdmin"],
+        true
+    );
+    let said = rechat::users::admin_account(&app.app, "fresh@example.com", "another pass")
+        .await
+        .unwrap();
     assert!(said.contains("created"));
-    assert!(rechat::users::admin_account(&app.app, "bad", "another pass").await.is_err());
+    assert!(
+        rechat::users::admin_account(&app.app, "bad", "another pass")
+            .await
+            .is_err()
+    );
 }

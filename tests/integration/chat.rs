@@ -3,7 +3,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::harness::fake_dify::{DIFY_KEY, Script};
-use crate::harness::ws::{LEGACY_WS, OpMessage, TRANSPORT_WS, WsClient};
+use crate::harness::ws::{LEGACY_WS, OpMessage, TRANSPORT_WS};
 use crate::harness::{Actor, TestApp, error_code};
 
 pub const CHAT: &str = r#"subscription($input: ChatInput!) { chat(input: $input) { __typename messageId seq
@@ -22,13 +22,22 @@ pub const CHAT: &str = r#"subscription($input: ChatInput!) { chat(input: $input)
 pub async fn chat(user: &Actor<'_>, protocol: &str, input: Value) -> Vec<Value> {
     let mut ws = user.ws(protocol).await;
     ws.subscribe(CHAT, json!({ "input": input })).await;
-    let payloads = ws.collect().await.unwrap_or_else(|e| panic!("chat failed: {e}"));
+    let payloads = ws
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("chat failed: {e}"));
     ws.close().await;
-    payloads.into_iter().map(|p| p["data"]["chat"].clone()).collect()
+    payloads
+        .into_iter()
+        .map(|p| p["data"]["chat"].clone())
+        .collect()
 }
 
 fn kinds(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["__typename"].as_str().unwrap()).collect()
+    events
+        .iter()
+        .map(|e| e["__typename"].as_str().unwrap())
+        .collect()
 }
 
 fn answer_of(events: &[Value]) -> String {
@@ -66,7 +75,11 @@ async fn setup(mode: &str) -> (TestApp, String, String) {
 
 fn actor<'a>(app: &'a TestApp, token: &str) -> Actor<'a> {
     let claims = app.app.keys.verify(token).unwrap();
-    Actor { app, token: Some(token.to_owned()), id: claims.0.to_string() }
+    Actor {
+        app,
+        token: Some(token.to_owned()),
+        id: claims.0.to_string(),
+    }
 }
 
 async fn stored(app: &TestApp, message_id: &str, column: &str) -> String {
@@ -85,20 +98,47 @@ async fn wait_for_status(app: &TestApp, message_id: &str, status: &str) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("message {message_id} never became {status}: {}", stored(app, message_id, "status").await);
+    panic!(
+        "message {message_id} never became {status}: {}",
+        stored(app, message_id, "status").await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chat_answer_streams_in_order_and_is_stored() {
     let (app, _, token) = setup("chat").await;
     let user = actor(&app, &token);
-    let events = chat(&user, TRANSPORT_WS, json!({ "query": "  How many days of annual leave do I get?  " })).await;
+    let events = chat(
+        &user,
+        TRANSPORT_WS,
+        json!({ "query": "  How many days of annual leave do I get?  " }),
+    )
+    .await;
     check_shape(&events);
-    assert_eq!(kinds(&events), ["ChatStarted", "AnswerDelta", "AnswerDelta", "AnswerDelta", "AnswerDelta", "AnswerDelta", "AnswerDelta", "DifyEvent", "ChatCompleted"]);
+    assert_eq!(
+        kinds(&events),
+        [
+            "ChatStarted",
+            "AnswerDelta",
+            "AnswerDelta",
+            "AnswerDelta",
+            "AnswerDelta",
+            "AnswerDelta",
+            "AnswerDelta",
+            "DifyEvent",
+            "ChatCompleted"
+        ]
+    );
     let started = &events[0];
-    assert_eq!(started["conversation"]["title"], "How many days of annual leave do I get?");
+    assert_eq!(
+        started["conversation"]["title"],
+        "How many days of annual leave do I get?"
+    );
     assert_eq!(started["conversation"]["messageCount"], 2);
-    assert_eq!(started["userMessage"]["content"], "How many days of annual leave do I get?");
+    assert_eq!(
+        started["userMessage"]["content"],
+        "How many days of annual leave do I get?"
+    );
     assert_eq!(started["userMessage"]["status"], "COMPLETED");
 
     let done = &events.last().unwrap()["message"];
@@ -108,19 +148,31 @@ async fn a_chat_answer_streams_in_order_and_is_stored() {
     assert_eq!(done["status"], "COMPLETED");
     assert_eq!(done["usage"]["totalTokens"], 1711);
     assert_eq!(done["usage"]["totalPrice"], "0.0002958");
-    assert_eq!(done["retrieverResources"][0]["documentName"], "员工手册2026.pdf");
+    assert_eq!(
+        done["retrieverResources"][0]["documentName"],
+        "员工手册2026.pdf"
+    );
 
     let id = done["id"].as_str().unwrap();
     assert_eq!(stored(&app, id, "content").await, answer);
     assert_eq!(stored(&app, id, "status").await, "COMPLETED");
-    assert_eq!(stored(&app, id, "dify_task_id").await, "96ced99f-d3ac-49ec-9a1f-5955efe08c55");
+    assert_eq!(
+        stored(&app, id, "dify_task_id").await,
+        "96ced99f-d3ac-49ec-9a1f-5955efe08c55"
+    );
 
     let request = &app.dify.requests_to("/chat-messages")[0];
-    assert_eq!(request.authorization.as_deref(), Some(format!("Bearer {DIFY_KEY}").as_str()));
+    assert_eq!(
+        request.authorization.as_deref(),
+        Some(format!("Bearer {DIFY_KEY}").as_str())
+    );
     assert_eq!(request.body["user"], format!("rechat-{}", user.id));
     assert_eq!(request.body["response_mode"], "streaming");
     assert_eq!(request.body["conversation_id"], "");
-    assert_eq!(request.body["query"], "How many days of annual leave do I get?");
+    assert_eq!(
+        request.body["query"],
+        "How many days of annual leave do I get?"
+    );
 
     // The stored conversation, seen through the API.
     let conversation = user
@@ -138,18 +190,35 @@ async fn the_second_turn_sends_difys_conversation_id() {
     let user = actor(&app, &token);
     let first = chat(&user, LEGACY_WS, json!({ "query": "first" })).await;
     let conversation_id = first[0]["conversation"]["id"].clone();
-    let second = chat(&user, LEGACY_WS, json!({ "conversationId": conversation_id, "query": "and then?" })).await;
+    let second = chat(
+        &user,
+        LEGACY_WS,
+        json!({ "conversationId": conversation_id, "query": "and then?" }),
+    )
+    .await;
     check_shape(&second);
-    assert_eq!(second.last().unwrap()["__typename"], "ChatCompleted", "{second:?}");
+    assert_eq!(
+        second.last().unwrap()["__typename"],
+        "ChatCompleted",
+        "{second:?}"
+    );
     assert_eq!(second[0]["conversation"]["messageCount"], 4);
     let requests = app.dify.requests_to("/chat-messages");
     let issued = requests[1].body["conversation_id"].as_str().unwrap();
-    assert!(uuid::Uuid::parse_str(issued).is_ok(), "the second turn carries Dify's id: {issued:?}");
+    assert!(
+        uuid::Uuid::parse_str(issued).is_ok(),
+        "the second turn carries Dify's id: {issued:?}"
+    );
     assert_eq!(requests[0].body["conversation_id"], "");
 
     // When Dify no longer knows the conversation, the turn fails with Dify's code, not a 500.
     app.dify.forget_conversations();
-    let third = chat(&user, TRANSPORT_WS, json!({ "conversationId": conversation_id, "query": "still there?" })).await;
+    let third = chat(
+        &user,
+        TRANSPORT_WS,
+        json!({ "conversationId": conversation_id, "query": "still there?" }),
+    )
+    .await;
     let failed = third.last().unwrap();
     assert_eq!(failed["__typename"], "ChatFailed");
     assert_eq!(failed["error"]["code"], "not_found");
@@ -170,25 +239,43 @@ async fn every_app_mode_streams_through_its_endpoint() {
     assert_eq!(done["content"], answer_of(&agent).as_str());
     let thoughts = done["agentThoughts"].as_array().unwrap();
     assert_eq!(thoughts[0]["tool"], "current_time");
-    assert!(thoughts[0]["observation"].as_str().unwrap().contains("2026-04-12"));
+    assert!(
+        thoughts[0]["observation"]
+            .as_str()
+            .unwrap()
+            .contains("2026-04-12")
+    );
 
     app.configure_dify(&admin, "advanced-chat").await;
     let chatflow = chat(&user, LEGACY_WS, json!({ "query": "你好" })).await;
     check_shape(&chatflow);
-    let progress: Vec<_> = chatflow.iter().filter(|e| e["__typename"] == "WorkflowProgress").collect();
+    let progress: Vec<_> = chatflow
+        .iter()
+        .filter(|e| e["__typename"] == "WorkflowProgress")
+        .collect();
     assert_eq!(progress.first().unwrap()["event"], "workflow_started");
-    assert!(progress.iter().any(|e| e["event"] == "node_finished" && e["nodeType"].is_string() && e["elapsedTime"].is_number()));
+    assert!(progress.iter().any(|e| e["event"] == "node_finished"
+        && e["nodeType"].is_string()
+        && e["elapsedTime"].is_number()));
     assert_eq!(progress.last().unwrap()["event"], "workflow_finished");
     assert_eq!(chatflow.last().unwrap()["message"]["status"], "COMPLETED");
     assert!(!answer_of(&chatflow).is_empty());
 
     app.configure_dify(&admin, "workflow").await;
-    let workflow = chat(&user, TRANSPORT_WS, json!({ "query": "hello", "inputs": { "lang": "zh" } })).await;
+    let workflow = chat(
+        &user,
+        TRANSPORT_WS,
+        json!({ "query": "hello", "inputs": { "lang": "zh" } }),
+    )
+    .await;
     check_shape(&workflow);
     let done = &workflow.last().unwrap()["message"];
     assert_eq!(done["content"], "你好👋！有什么可以帮助你的吗？");
     let run = &app.dify.requests_to("/workflows/run")[0];
-    assert_eq!(run.body["inputs"], json!({ "query": "hello", "lang": "zh" }));
+    assert_eq!(
+        run.body["inputs"],
+        json!({ "query": "hello", "lang": "zh" })
+    );
     assert_eq!(run.body["user"], format!("rechat-{}", user.id));
 
     app.configure_dify(&admin, "completion").await;
@@ -206,14 +293,20 @@ async fn legacy_serialisation_and_message_replace() {
     app.dify.push(Script::replay("chat-legacy.sse"));
     let legacy = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
     assert_eq!(answer_of(&legacy), answer_of(&modern));
-    assert_eq!(legacy.last().unwrap()["message"]["usage"]["totalTokens"], 1711);
+    assert_eq!(
+        legacy.last().unwrap()["message"]["usage"]["totalTokens"],
+        1711
+    );
 
     app.dify.push(Script::replay("chat-message-replace.sse"));
     let replaced = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
     assert!(kinds(&replaced).contains(&"AnswerReplaced"));
     let done = &replaced.last().unwrap()["message"];
     assert_eq!(done["content"], "I can't help with that request.");
-    assert_eq!(stored(&app, done["id"].as_str().unwrap(), "content").await, "I can't help with that request.");
+    assert_eq!(
+        stored(&app, done["id"].as_str().unwrap(), "content").await,
+        "I can't help with that request."
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -221,12 +314,53 @@ async fn dify_failures_end_in_chat_failed_with_the_partial_answer_kept() {
     let (app, admin_token, token) = setup("chat").await;
     let user = actor(&app, &token);
     let cases: Vec<(Script, &str, Option<i64>, &str)> = vec![
-        (Script::HttpError { status: 400, fixture: "error-400.json" }, "provider_not_initialize", Some(400), ""),
-        (Script::HttpError { status: 429, fixture: "error-429.json" }, "too_many_requests", Some(429), ""),
-        (Script::HttpError { status: 500, fixture: "error-500.json" }, "internal_server_error", Some(500), ""),
-        (Script::replay("chat-error-midstream.sse"), "completion_request_error", Some(400), "Sure — here is  a short summary of  the quarterly report:\n\n1."),
-        (Script::Broken { fixture: "chat-cut.sse" }, "upstream_unavailable", None, "根据《员工手册》第 3 章，年假天数按工龄计算："),
-        (Script::replay("chat-cut.sse"), "stream_interrupted", None, "根据《员工手册》第 3 章，年假天数按工龄计算："),
+        (
+            Script::HttpError {
+                status: 400,
+                fixture: "error-400.json",
+            },
+            "provider_not_initialize",
+            Some(400),
+            "",
+        ),
+        (
+            Script::HttpError {
+                status: 429,
+                fixture: "error-429.json",
+            },
+            "too_many_requests",
+            Some(429),
+            "",
+        ),
+        (
+            Script::HttpError {
+                status: 500,
+                fixture: "error-500.json",
+            },
+            "internal_server_error",
+            Some(500),
+            "",
+        ),
+        (
+            Script::replay("chat-error-midstream.sse"),
+            "completion_request_error",
+            Some(400),
+            "Sure — here is  a short summary of  the quarterly report:\n\n1.",
+        ),
+        (
+            Script::Broken {
+                fixture: "chat-cut.sse",
+            },
+            "upstream_unavailable",
+            None,
+            "根据《员工手册》第 3 章，年假天数按工龄计算：",
+        ),
+        (
+            Script::replay("chat-cut.sse"),
+            "stream_interrupted",
+            None,
+            "根据《员工手册》第 3 章，年假天数按工龄计算：",
+        ),
         (Script::Silent, "upstream_unavailable", None, ""),
     ];
     for (script, code, status, partial) in cases {
@@ -260,13 +394,24 @@ async fn dify_failures_end_in_chat_failed_with_the_partial_answer_kept() {
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
     let failed = events.last().unwrap();
     assert_eq!(failed["error"]["code"], "workflow_failed");
-    assert_eq!(failed["error"]["message"], "Variable #start.query# not found");
+    assert_eq!(
+        failed["error"]["message"],
+        "Variable #start.query# not found"
+    );
 
     // Dify unreachable altogether.
-    app.sql("UPDATE settings SET dify_api_url = 'http://127.0.0.1:9/v1'").await;
+    app.sql("UPDATE settings SET dify_api_url = 'http://127.0.0.1:9/v1'")
+        .await;
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
-    assert_eq!(events.last().unwrap()["error"]["code"], "upstream_unavailable");
-    let streaming = app.sql_strings("SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE status = 'STREAMING'").await;
+    assert_eq!(
+        events.last().unwrap()["error"]["code"],
+        "upstream_unavailable"
+    );
+    let streaming = app
+        .sql_strings(
+            "SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE status = 'STREAMING'",
+        )
+        .await;
     assert_eq!(streaming, ["0"], "no message is left STREAMING");
 }
 
@@ -274,48 +419,88 @@ async fn dify_failures_end_in_chat_failed_with_the_partial_answer_kept() {
 async fn an_answer_is_stored_whole_when_the_subscriber_leaves() {
     let (app, _, token) = setup("chat").await;
     let user = actor(&app, &token);
-    app.dify.push(Script::Long { deltas: 30, pause: Duration::from_millis(40) });
-    let mut ws = user.ws(TRANSPORT_WS).await;
-    ws.subscribe(CHAT, json!({ "input": { "query": "tell me a long story" } })).await;
-    let OpMessage::Next(started) = ws.next_op().await else { panic!("no ChatStarted") };
-    let id = started["data"]["chat"]["messageId"].as_str().unwrap().to_owned();
-    for _ in 0..3 {
-        assert!(matches!(ws.next_op().await, OpMessage::Next(_)));
-    }
-    drop(ws); // the browser tab closes
-
-    // The partial answer reaches MySQL while Dify is still talking (bounded-rate flushes) …
-    let mut partial = String::new();
-    for _ in 0..50 {
-        partial = stored(&app, &id, "content").await;
-        if !partial.is_empty() {
-            break;
+    for leave_by_completing in [false, true] {
+        app.dify.push(Script::Long {
+            deltas: 30,
+            pause: Duration::from_millis(40),
+        });
+        let mut ws = user.ws(TRANSPORT_WS).await;
+        let op = ws
+            .subscribe(
+                CHAT,
+                json!({ "input": { "query": "tell me a long story" } }),
+            )
+            .await;
+        let OpMessage::Next(started) = ws.next_op().await else {
+            panic!("no ChatStarted")
+        };
+        let id = started["data"]["chat"]["messageId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for _ in 0..3 {
+            assert!(matches!(ws.next_op().await, OpMessage::Next(_)));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if leave_by_completing {
+            ws.unsubscribe(&op).await; // the client completes the operation early
+        } else {
+            drop(ws); // the browser tab closes
+        }
+
+        // The partial answer reaches MySQL while Dify is still talking (bounded-rate flushes) …
+        let mut partial = String::new();
+        for _ in 0..50 {
+            partial = stored(&app, &id, "content").await;
+            if !partial.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(partial.starts_with("word0 "), "partial flush: {partial:?}");
+        // … and the whole answer when Dify is done.
+        wait_for_status(&app, &id, "COMPLETED").await;
+        let content = stored(&app, &id, "content").await;
+        assert_eq!(content.split_whitespace().count(), 30);
+        assert!(content.ends_with("word29 "));
+        assert!(
+            stored(&app, &id, "`usage`")
+                .await
+                .contains("\"total_tokens\":35")
+        );
     }
-    assert!(partial.starts_with("word0 "), "partial flush: {partial:?}");
-    // … and the whole answer when Dify is done.
-    wait_for_status(&app, &id, "COMPLETED").await;
-    let content = stored(&app, &id, "content").await;
-    assert_eq!(content.split_whitespace().count(), 30);
-    assert!(content.ends_with("word29 "));
-    assert!(stored(&app, &id, "`usage`").await.contains("\"total_tokens\":35"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_chat_keeps_the_beginning_and_ends_stopped() {
     let (app, _, token) = setup("chat").await;
     let user = actor(&app, &token);
-    app.dify.push(Script::Long { deltas: 500, pause: Duration::from_millis(20) });
+    app.dify.push(Script::Long {
+        deltas: 500,
+        pause: Duration::from_millis(20),
+    });
     let mut ws = user.ws(LEGACY_WS).await;
-    ws.subscribe(CHAT, json!({ "input": { "query": "count forever" } })).await;
-    let OpMessage::Next(started) = ws.next_op().await else { panic!("no ChatStarted") };
-    let id = started["data"]["chat"]["messageId"].as_str().unwrap().to_owned();
+    ws.subscribe(CHAT, json!({ "input": { "query": "count forever" } }))
+        .await;
+    let OpMessage::Next(started) = ws.next_op().await else {
+        panic!("no ChatStarted")
+    };
+    let id = started["data"]["chat"]["messageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     for _ in 0..5 {
         ws.next_op().await;
     }
-    let stopped = user.gql("mutation($id: ID!) { stopChat(messageId: $id) { id status content } }", json!({ "id": id })).await;
-    assert_eq!(stopped["data"]["stopChat"]["status"], "STOPPED", "{stopped}");
+    let stopped = user
+        .gql(
+            "mutation($id: ID!) { stopChat(messageId: $id) { id status content } }",
+            json!({ "id": id }),
+        )
+        .await;
+    assert_eq!(
+        stopped["data"]["stopChat"]["status"], "STOPPED",
+        "{stopped}"
+    );
     let mut last = Value::Null;
     loop {
         match ws.next_op().await {
@@ -336,7 +521,12 @@ async fn stop_chat_keeps_the_beginning_and_ends_stopped() {
     assert_eq!(stored(&app, &id, "status").await, "STOPPED");
 
     // Stopping again, or stopping a finished answer, changes nothing.
-    let again = user.gql("mutation($id: ID!) { stopChat(messageId: $id) { status } }", json!({ "id": id })).await;
+    let again = user
+        .gql(
+            "mutation($id: ID!) { stopChat(messageId: $id) { status } }",
+            json!({ "id": id }),
+        )
+        .await;
     assert_eq!(again["data"]["stopChat"]["status"], "STOPPED");
 }
 
@@ -349,9 +539,18 @@ async fn chat_checks_come_before_anything_is_written() {
     let their_conversation = theirs[0]["conversation"]["id"].clone();
 
     for (input, code) in [
-        (json!({ "conversationId": their_conversation, "query": "let me in" }), "NOT_FOUND"),
-        (json!({ "conversationId": uuid::Uuid::now_v7().to_string(), "query": "hello" }), "NOT_FOUND"),
-        (json!({ "conversationId": "not-a-uuid", "query": "hello" }), "BAD_USER_INPUT"),
+        (
+            json!({ "conversationId": their_conversation, "query": "let me in" }),
+            "NOT_FOUND",
+        ),
+        (
+            json!({ "conversationId": uuid::Uuid::now_v7().to_string(), "query": "hello" }),
+            "NOT_FOUND",
+        ),
+        (
+            json!({ "conversationId": "not-a-uuid", "query": "hello" }),
+            "BAD_USER_INPUT",
+        ),
         (json!({ "query": "   " }), "BAD_USER_INPUT"),
         (json!({ "query": "x".repeat(32_001) }), "BAD_USER_INPUT"),
         (json!({ "query": "hi", "inputs": [1, 2] }), "BAD_USER_INPUT"),
@@ -362,7 +561,9 @@ async fn chat_checks_come_before_anything_is_written() {
         let errors = errors.get("errors").unwrap_or(&errors);
         assert_eq!(errors[0]["extensions"]["code"], code, "{input}");
     }
-    let count = app.sql_strings("SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages").await;
+    let count = app
+        .sql_strings("SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages")
+        .await;
     assert_eq!(count, ["2"], "only the other user's turn is stored");
     assert_eq!(app.dify.requests_to("/chat-messages").len(), 1);
 }
@@ -372,22 +573,58 @@ async fn dify_config_is_checked_encrypted_and_masked() {
     let app = TestApp::spawn().await;
     let (admin, user) = app.admin_and_user().await;
     const SET: &str = "mutation($input: DifyConfigInput!) { setDifyConfig(input: $input) { isConfigured apiKeyPreview apiUrl appMode appName updatedAt } }";
-    let before = admin.gql("{ difyConfig { isConfigured apiKeyPreview apiUrl } }", json!({})).await;
+    let before = admin
+        .gql(
+            "{ difyConfig { isConfigured apiKeyPreview apiUrl } }",
+            json!({}),
+        )
+        .await;
     assert_eq!(before["data"]["difyConfig"]["isConfigured"], false);
-    assert_eq!(before["data"]["difyConfig"]["apiUrl"], app.dify.url.as_str());
+    assert_eq!(
+        before["data"]["difyConfig"]["apiUrl"],
+        app.dify.url.as_str()
+    );
 
-    let wrong = admin.gql(SET, json!({ "input": { "apiKey": "app-wrong-key-123456", "apiUrl": app.dify.url } })).await;
+    let wrong = admin
+        .gql(
+            SET,
+            json!({ "input": { "apiKey": "app-wrong-key-123456", "apiUrl": app.dify.url } }),
+        )
+        .await;
     assert_eq!(error_code(&wrong), "UPSTREAM_ERROR");
-    assert_eq!(wrong["errors"][0]["extensions"]["upstreamCode"], "unauthorized");
+    assert_eq!(
+        wrong["errors"][0]["extensions"]["upstreamCode"],
+        "unauthorized"
+    );
     assert_eq!(wrong["errors"][0]["extensions"]["upstreamStatus"], 401);
-    let unreachable = admin.gql(SET, json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": "http://127.0.0.1:9" } })).await;
+    let unreachable = admin
+        .gql(
+            SET,
+            json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": "http://127.0.0.1:9" } }),
+        )
+        .await;
     assert_eq!(error_code(&unreachable), "UPSTREAM_UNAVAILABLE");
-    let bad_url = admin.gql(SET, json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": "not a url" } })).await;
+    let bad_url = admin
+        .gql(
+            SET,
+            json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": "not a url" } }),
+        )
+        .await;
     assert_eq!(error_code(&bad_url), "BAD_USER_INPUT");
-    assert_eq!(admin.gql("{ difyConfig { isConfigured } }", json!({})).await["data"]["difyConfig"]["isConfigured"], false);
+    assert_eq!(
+        admin
+            .gql("{ difyConfig { isConfigured } }", json!({}))
+            .await["data"]["difyConfig"]["isConfigured"],
+        false
+    );
 
     let without_v1 = app.dify.url.trim_end_matches("/v1");
-    let set = admin.gql(SET, json!({ "input": { "apiKey": format!("  {DIFY_KEY} "), "apiUrl": without_v1 } })).await;
+    let set = admin
+        .gql(
+            SET,
+            json!({ "input": { "apiKey": format!("  {DIFY_KEY} "), "apiUrl": without_v1 } }),
+        )
+        .await;
     let config = &set["data"]["setDifyConfig"];
     assert_eq!(config["isConfigured"], true);
     assert_eq!(config["apiKeyPreview"], "app-...6789");
@@ -396,13 +633,32 @@ async fn dify_config_is_checked_encrypted_and_masked() {
     assert_eq!(config["appName"], "Fake HR Assistant");
     assert!(!set.to_string().contains(DIFY_KEY));
     let stored = app.sql_strings("SELECT CONCAT_WS('|', HEX(dify_api_key_encrypted), dify_api_key_preview, dify_api_url) AS value FROM settings").await;
-    assert!(!stored[0].contains(DIFY_KEY) && !stored[0].contains(&hex(DIFY_KEY)), "the key is stored encrypted");
-    assert_eq!(error_code(&user.gql(SET, json!({ "input": { "apiKey": DIFY_KEY } })).await), "FORBIDDEN");
+    assert!(
+        !stored[0].contains(DIFY_KEY) && !stored[0].contains(&hex(DIFY_KEY)),
+        "the key is stored encrypted"
+    );
+    assert_eq!(
+        error_code(
+            &user
+                .gql(SET, json!({ "input": { "apiKey": DIFY_KEY } }))
+                .await
+        ),
+        "FORBIDDEN"
+    );
 
-    let deleted = admin.gql("mutation { deleteDifyConfig { isConfigured apiKeyPreview appMode } }", json!({})).await;
-    assert_eq!(deleted["data"]["deleteDifyConfig"], json!({ "isConfigured": false, "apiKeyPreview": null, "appMode": null }));
+    let deleted = admin
+        .gql(
+            "mutation { deleteDifyConfig { isConfigured apiKeyPreview appMode } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        deleted["data"]["deleteDifyConfig"],
+        json!({ "isConfigured": false, "apiKeyPreview": null, "appMode": null })
+    );
     let mut ws = user.ws(TRANSPORT_WS).await;
-    ws.subscribe(CHAT, json!({ "input": { "query": "hello" } })).await;
+    ws.subscribe(CHAT, json!({ "input": { "query": "hello" } }))
+        .await;
     let errors = ws.collect().await.expect_err("not configured");
     let errors = errors.get("errors").unwrap_or(&errors);
     assert_eq!(errors[0]["extensions"]["code"], "DIFY_NOT_CONFIGURED");
@@ -422,22 +678,69 @@ async fn feedback_is_stored_and_forwarded_and_messages_are_private() {
     let question_id = events[0]["userMessage"]["id"].clone();
     const FEEDBACK: &str = "mutation($id: ID!, $rating: Rating, $content: String) { setMessageFeedback(messageId: $id, rating: $rating, content: $content) { id feedback } }";
 
-    let liked = user.gql(FEEDBACK, json!({ "id": answer_id, "rating": "LIKE", "content": "spot on" })).await;
+    let liked = user
+        .gql(
+            FEEDBACK,
+            json!({ "id": answer_id, "rating": "LIKE", "content": "spot on" }),
+        )
+        .await;
     assert_eq!(liked["data"]["setMessageFeedback"]["feedback"], "LIKE");
     let sent = &app.dify.requests_to("/feedbacks")[0];
-    assert_eq!(sent.path, "/v1/messages/3e6ca965-140b-4e0f-92a7-8217a5f079ae/feedbacks");
-    assert_eq!(sent.body, json!({ "rating": "like", "user": format!("rechat-{}", user.id), "content": "spot on" }));
-    let revoked = user.gql(FEEDBACK, json!({ "id": answer_id, "rating": null })).await;
+    assert_eq!(
+        sent.path,
+        "/v1/messages/3e6ca965-140b-4e0f-92a7-8217a5f079ae/feedbacks"
+    );
+    assert_eq!(
+        sent.body,
+        json!({ "rating": "like", "user": format!("rechat-{}", user.id), "content": "spot on" })
+    );
+    let revoked = user
+        .gql(FEEDBACK, json!({ "id": answer_id, "rating": null }))
+        .await;
     assert!(revoked["data"]["setMessageFeedback"]["feedback"].is_null());
     assert!(app.dify.requests_to("/feedbacks")[1].body["rating"].is_null());
 
-    assert_eq!(error_code(&user.gql(FEEDBACK, json!({ "id": question_id, "rating": "LIKE" })).await), "BAD_USER_INPUT");
-    assert_eq!(error_code(&other.gql(FEEDBACK, json!({ "id": answer_id, "rating": "DISLIKE" })).await), "NOT_FOUND");
-    assert_eq!(error_code(&other.gql("mutation($id: ID!) { stopChat(messageId: $id) { id } }", json!({ "id": answer_id })).await), "NOT_FOUND");
-    assert_eq!(error_code(&user.gql(FEEDBACK, json!({ "id": "nope", "rating": "LIKE" })).await), "BAD_USER_INPUT");
+    assert_eq!(
+        error_code(
+            &user
+                .gql(FEEDBACK, json!({ "id": question_id, "rating": "LIKE" }))
+                .await
+        ),
+        "BAD_USER_INPUT"
+    );
+    assert_eq!(
+        error_code(
+            &other
+                .gql(FEEDBACK, json!({ "id": answer_id, "rating": "DISLIKE" }))
+                .await
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        error_code(
+            &other
+                .gql(
+                    "mutation($id: ID!) { stopChat(messageId: $id) { id } }",
+                    json!({ "id": answer_id })
+                )
+                .await
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        error_code(
+            &user
+                .gql(FEEDBACK, json!({ "id": "nope", "rating": "LIKE" }))
+                .await
+        ),
+        "BAD_USER_INPUT"
+    );
 
     const MESSAGE: &str = "query($id: ID!) { message(id: $id) { id role feedback } }";
-    assert_eq!(user.gql(MESSAGE, json!({ "id": answer_id })).await["data"]["message"]["role"], "ASSISTANT");
+    assert_eq!(
+        user.gql(MESSAGE, json!({ "id": answer_id })).await["data"]["message"]["role"],
+        "ASSISTANT"
+    );
     assert!(other.gql(MESSAGE, json!({ "id": answer_id })).await["data"]["message"].is_null());
 }
 
@@ -446,9 +749,15 @@ async fn answers_of_a_dead_gateway_become_interrupted() {
     let (app, _, token) = setup("chat").await;
     let user = actor(&app, &token);
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
-    let conversation = events[0]["conversation"]["id"].as_str().unwrap().replace('-', "");
+    let conversation = events[0]["conversation"]["id"]
+        .as_str()
+        .unwrap()
+        .replace('-', "");
     // Two answers left STREAMING: one by a process that died long ago, one live.
-    for (id, age, content) in [("00000000000070008000000000000001", 600, "half an ans"), ("00000000000070008000000000000002", 5, "live")] {
+    for (id, age, content) in [
+        ("00000000000070008000000000000001", 600, "half an ans"),
+        ("00000000000070008000000000000002", 5, "live"),
+    ] {
         app.sql(&format!(
             "INSERT INTO messages (id, conversation_id, role, content, status, created_at, updated_at) VALUES \
              (UNHEX('{id}'), UNHEX('{conversation}'), 'ASSISTANT', '{content}', 'STREAMING', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) - INTERVAL {age} SECOND)"
@@ -456,10 +765,20 @@ async fn answers_of_a_dead_gateway_become_interrupted() {
         .await;
     }
     let mut conn = app.app.db.get().await.unwrap();
-    let swept = rechat::chat::db::sweep_interrupted(&mut conn, Duration::from_secs(120)).await.unwrap();
+    let swept = rechat::chat::db::sweep_interrupted(&mut conn, Duration::from_secs(120))
+        .await
+        .unwrap();
     assert_eq!(swept, 1);
-    assert_eq!(stored(&app, "00000000-0000-7000-8000-000000000001", "status").await, "INTERRUPTED");
-    assert_eq!(stored(&app, "00000000-0000-7000-8000-000000000001", "content").await, "half an ans");
-    assert_eq!(stored(&app, "00000000-0000-7000-8000-000000000002", "status").await, "STREAMING");
+    assert_eq!(
+        stored(&app, "00000000-0000-7000-8000-000000000001", "status").await,
+        "INTERRUPTED"
+    );
+    assert_eq!(
+        stored(&app, "00000000-0000-7000-8000-000000000001", "content").await,
+        "half an ans"
+    );
+    assert_eq!(
+        stored(&app, "00000000-0000-7000-8000-000000000002", "status").await,
+        "STREAMING"
+    );
 }
-

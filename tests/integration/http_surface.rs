@@ -7,29 +7,66 @@ use crate::harness::{TestApp, error_code};
 async fn post_accepts_only_single_json_requests() {
     let app = TestApp::spawn().await;
     let post = |content_type: &'static str, body: String| {
-        app.http.post(app.url("/graphql")).header("content-type", content_type).body(body).send()
+        app.http
+            .post(app.url("/graphql"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
     };
-    let plain = post("text/plain", r#"{"query":"{ __typename }"}"#.into()).await.unwrap();
+    let plain = post("text/plain", r#"{"query":"{ __typename }"}"#.into())
+        .await
+        .unwrap();
     assert_eq!(plain.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let form = post("application/x-www-form-urlencoded", "query=%7B__typename%7D".into()).await.unwrap();
+    let form = post(
+        "application/x-www-form-urlencoded",
+        "query=%7B__typename%7D".into(),
+    )
+    .await
+    .unwrap();
     assert_eq!(form.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let multipart = post("multipart/form-data; boundary=x", "--x--".into()).await.unwrap();
+    let multipart = post("multipart/form-data; boundary=x", "--x--".into())
+        .await
+        .unwrap();
     assert_eq!(multipart.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
-    let malformed = post("application/json", "{\"query\": ".into()).await.unwrap();
+    let malformed = post("application/json", "{\"query\": ".into())
+        .await
+        .unwrap();
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(error_code(&malformed.json::<Value>().await.unwrap()), "BAD_USER_INPUT");
+    assert_eq!(
+        error_code(&malformed.json::<Value>().await.unwrap()),
+        "BAD_USER_INPUT"
+    );
 
-    let batch = post("application/json; charset=utf-8", r#"[{"query":"{ __typename }"}]"#.into()).await.unwrap();
+    let batch = post(
+        "application/json; charset=utf-8",
+        r#"[{"query":"{ __typename }"}]"#.into(),
+    )
+    .await
+    .unwrap();
     assert_eq!(batch.status(), StatusCode::BAD_REQUEST);
 
-    let oversize = format!(r#"{{"query":"{{ __typename }}","variables":{{"x":"{}"}}}}"#, "x".repeat(rechat::http::BODY_LIMIT));
-    assert_eq!(post("application/json", oversize).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let oversize = format!(
+        r#"{{"query":"{{ __typename }}","variables":{{"x":"{}"}}}}"#,
+        "x".repeat(rechat::http::BODY_LIMIT)
+    );
+    assert_eq!(
+        post("application/json", oversize).await.unwrap().status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
 
-    let ok = post("application/json; charset=utf-8", r#"{"query":"{ __typename }"}"#.into()).await.unwrap();
+    let ok = post(
+        "application/json; charset=utf-8",
+        r#"{"query":"{ __typename }"}"#.into(),
+    )
+    .await
+    .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
     assert!(ok.headers().contains_key("x-request-id"));
-    assert_eq!(ok.json::<Value>().await.unwrap()["data"]["__typename"], "Query");
+    assert_eq!(
+        ok.json::<Value>().await.unwrap()["data"]["__typename"],
+        "Query"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -44,9 +81,16 @@ async fn get_runs_queries_but_never_mutations() {
             .send()
     };
     let me = get("{ me { email } }").await.unwrap();
-    assert_eq!(me.json::<Value>().await.unwrap()["data"]["me"]["email"], "ada@example.com");
+    assert_eq!(
+        me.json::<Value>().await.unwrap()["data"]["me"]["email"],
+        "ada@example.com"
+    );
 
-    let mutation = get(r#"mutation { register(input: {email: "x@example.com", password: "12345678"}) { token } }"#).await.unwrap();
+    let mutation = get(
+        r#"mutation { register(input: {email: "x@example.com", password: "12345678"}) { token } }"#,
+    )
+    .await
+    .unwrap();
     assert_eq!(mutation.status(), StatusCode::METHOD_NOT_ALLOWED);
     let users = app.sql_strings("SELECT email AS value FROM users").await;
     assert_eq!(users, ["ada@example.com"]);
@@ -55,13 +99,27 @@ async fn get_runs_queries_but_never_mutations() {
 #[tokio::test(flavor = "multi_thread")]
 async fn graphiql_schema_and_health_endpoints() {
     let app = TestApp::spawn().await;
-    let page = app.http.get(app.url("/graphql")).header("accept", "text/html").send().await.unwrap();
+    let page = app
+        .http
+        .get(app.url("/graphql"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
     let html = page.text().await.unwrap();
     assert!(html.contains("graphiql") || html.contains("GraphiQL"));
     assert!(html.contains("/graphql"));
 
-    let sdl = app.http.get(app.url("/schema.graphql")).send().await.unwrap().text().await.unwrap();
+    let sdl = app
+        .http
+        .get(app.url("/schema.graphql"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(sdl, rechat::graphql::sdl());
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
@@ -73,7 +131,15 @@ async fn graphiql_schema_and_health_endpoints() {
     let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(ready.json::<Value>().await.unwrap()["reason"].is_string());
-    assert_eq!(app.http.get(app.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -83,9 +149,22 @@ async fn depth_and_complexity_are_limited() {
     for _ in 0..20 {
         deep = format!("ofType {{ {deep} }}");
     }
-    let answer = app.gql(None, &format!("{{ __schema {{ types {{ fields {{ type {{ {deep} }} }} }} }} }}"), json!({})).await;
+    let answer = app
+        .gql(
+            None,
+            &format!("{{ __schema {{ types {{ fields {{ type {{ {deep} }} }} }} }} }}"),
+            json!({}),
+        )
+        .await;
     assert!(answer["data"].is_null(), "{answer}");
-    assert!(answer["errors"][0]["message"].as_str().unwrap().to_lowercase().contains("nested"), "{answer}");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("nested"),
+        "{answer}"
+    );
 
     // GraphiQL's own introspection query stays within the limits.
     let introspection = app.gql(None, INTROSPECTION, json!({})).await;
@@ -100,13 +179,23 @@ async fn cors_allows_only_configured_origins() {
             .request(reqwest::Method::OPTIONS, app.url("/graphql"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization,content-type")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
             .send()
     };
     let allowed = preflight("https://app.example.com").await.unwrap();
-    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
     let refused = preflight("https://evil.example.com").await.unwrap();
-    assert!(!refused.headers().contains_key("access-control-allow-origin"));
+    assert!(
+        !refused
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
 }
 
 const INTROSPECTION: &str = r#"

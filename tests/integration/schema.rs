@@ -11,7 +11,10 @@ fn schema_graphql_matches_the_code() {
         std::fs::write(path, &sdl).unwrap();
     }
     let pinned = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(pinned == sdl, "schema.graphql is out of date: run `UPDATE_SCHEMA=1 cargo test --test integration schema`");
+    assert!(
+        pinned == sdl,
+        "schema.graphql is out of date: run `UPDATE_SCHEMA=1 cargo test --test integration schema`"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,10 @@ const PREFIX: &str = "rechat_test_";
 const LEFTOVER_AFTER_SECS: u64 = 3600;
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 static SWEPT: OnceCell<()> = OnceCell::const_new();
@@ -25,12 +28,23 @@ async fn sweep_leftovers() {
         #[diesel(sql_type = diesel::sql_types::Text, column_name = "Database")]
         name: String,
     }
-    let Ok(mut conn) = AsyncMysqlConnection::establish(&server_url()).await else { return };
-    let names: Vec<Name> = diesel::sql_query(format!("SHOW DATABASES LIKE '{PREFIX}%'")).load(&mut conn).await.unwrap_or_default();
+    let Ok(mut conn) = AsyncMysqlConnection::establish(&server_url()).await else {
+        return;
+    };
+    let names: Vec<Name> = diesel::sql_query(format!("SHOW DATABASES LIKE '{PREFIX}%'"))
+        .load(&mut conn)
+        .await
+        .unwrap_or_default();
     for Name { name } in names {
-        let created: u64 = name[PREFIX.len()..].split('_').next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let created: u64 = name[PREFIX.len()..]
+            .split('_')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
         if unix_now().saturating_sub(created) > LEFTOVER_AFTER_SECS {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS `{name}`")).execute(&mut conn).await;
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS `{name}`"))
+                .execute(&mut conn)
+                .await;
         }
     }
 }
@@ -57,10 +71,16 @@ impl Drop for TestDatabase {
         // Drop runs inside the test's runtime: do the async work on a thread of its own.
         let name = std::mem::take(&mut self.name);
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             runtime.block_on(async {
                 let mut conn = AsyncMysqlConnection::establish(&server_url()).await.ok()?;
-                diesel::sql_query(format!("DROP DATABASE IF EXISTS `{name}`")).execute(&mut conn).await.ok()
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
             })
         })
         .join();

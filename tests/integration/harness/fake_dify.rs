@@ -1,6 +1,10 @@
 //! A fake Dify Service API: replays the fixtures in `tests/fixtures/dify/` over real HTTP,
 //! split at awkward byte boundaries, checks the key and conversation ids as Dify does, fails as
 //! Dify fails, implements stop and feedback, and records every request it gets.
+//! `examples/fake_dify.rs` runs the same fake as a server to try rechat by hand.
+
+// Handlers return axum responses as errors, as handlers do.
+#![allow(clippy::result_large_err)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -26,7 +30,11 @@ pub fn fixture(name: &str) -> String {
 #[derive(Clone, Debug)]
 pub enum Script {
     /// Replays a fixture split into chunks of these sizes (cycled), pausing between chunks.
-    Replay { fixture: &'static str, chunks: Vec<usize>, pause: Duration },
+    Replay {
+        fixture: &'static str,
+        chunks: Vec<usize>,
+        pause: Duration,
+    },
     /// Answers with Dify's error envelope before any stream.
     HttpError { status: u16, fixture: &'static str },
     /// Replays a fixture, then breaks the connection (an I/O error, not a clean end).
@@ -39,7 +47,11 @@ pub enum Script {
 
 impl Script {
     pub fn replay(fixture: &'static str) -> Self {
-        Self::Replay { fixture, chunks: AWKWARD_CHUNKS.to_vec(), pause: Duration::from_millis(1) }
+        Self::Replay {
+            fixture,
+            chunks: AWKWARD_CHUNKS.to_vec(),
+            pause: Duration::from_millis(1),
+        }
     }
 }
 
@@ -58,6 +70,8 @@ pub struct Recorded {
 struct FakeState {
     mode: Mutex<String>,
     scripts: Mutex<VecDeque<Script>>,
+    /// Answers every streaming call when the queue is empty (instead of the mode's fixture).
+    default_script: Mutex<Option<Script>>,
     requests: Mutex<Vec<Recorded>>,
     /// Conversation ids this fake issued, and to which user.
     conversations: Mutex<HashMap<String, String>>,
@@ -72,12 +86,27 @@ pub struct FakeDify {
 
 fn dify_error(status: u16, code: &str, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(json!({ "code": code, "message": message, "status": status.as_u16() }))).into_response()
+    (
+        status,
+        Json(json!({ "code": code, "message": message, "status": status.as_u16() })),
+    )
+        .into_response()
 }
 
 impl FakeDify {
     pub async fn start(mode: &str) -> Self {
-        let state = Arc::new(FakeState { mode: Mutex::new(mode.into()), ..Default::default() });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake Dify");
+        Self::serve(listener, mode).await
+    }
+
+    /// Serves on a listener the caller bound (the runnable example picks the port).
+    pub async fn serve(listener: tokio::net::TcpListener, mode: &str) -> Self {
+        let state = Arc::new(FakeState {
+            mode: Mutex::new(mode.into()),
+            ..Default::default()
+        });
         let router = Router::new()
             .route("/v1/info", get(info))
             .route("/v1/chat-messages", post(chat_messages))
@@ -90,10 +119,12 @@ impl FakeDify {
             .route("/v1/conversations/{id}/name", post(rename))
             .route("/v1/conversations/{id}", delete(delete_conversation))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake Dify");
         let addr: SocketAddr = listener.local_addr().expect("fake Dify address");
         tokio::spawn(async move { axum::serve(listener, router).await });
-        Self { url: format!("http://{addr}/v1"), state }
+        Self {
+            url: format!("http://{addr}/v1"),
+            state,
+        }
     }
 
     pub fn set_mode(&self, mode: &str) {
@@ -105,12 +136,21 @@ impl FakeDify {
         self.state.scripts.lock().unwrap().push_back(script);
     }
 
+    /// What every streaming call answers from now on, unless a script is queued.
+    #[allow(dead_code)] // used by examples/fake_dify.rs
+    pub fn set_default(&self, script: Script) {
+        *self.state.default_script.lock().unwrap() = Some(script);
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }
 
     pub fn requests_to(&self, path_part: &str) -> Vec<Recorded> {
-        self.requests().into_iter().filter(|r| r.path.contains(path_part)).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.contains(path_part))
+            .collect()
     }
 
     /// Forgets a conversation, as if it were deleted in Dify's console.
@@ -124,21 +164,33 @@ impl FakeState {
         self.requests.lock().unwrap().push(Recorded {
             method: method.to_string(),
             path: uri.path().to_owned(),
-            authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
             body,
         });
     }
 
     fn check_key(&self, headers: &HeaderMap) -> Result<(), Response> {
         match headers.get("authorization").and_then(|v| v.to_str().ok()) {
-            None => Err(dify_error(401, "unauthorized", "Authorization header must be provided and start with 'Bearer'")),
+            None => Err(dify_error(
+                401,
+                "unauthorized",
+                "Authorization header must be provided and start with 'Bearer'",
+            )),
             Some(value) if value == format!("Bearer {DIFY_KEY}") => Ok(()),
             Some(_) => Err(dify_error(401, "unauthorized", "Access token is invalid")),
         }
     }
 }
 
-async fn info(State(state): State<Arc<FakeState>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn info(
+    State(state): State<Arc<FakeState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     state.record(&method, &uri, &headers, Value::Null);
     if let Err(response) = state.check_key(&headers) {
         return response;
@@ -148,7 +200,13 @@ async fn info(State(state): State<Arc<FakeState>>, method: Method, uri: Uri, hea
         .into_response()
 }
 
-async fn success(State(state): State<Arc<FakeState>>, method: Method, uri: Uri, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn success(
+    State(state): State<Arc<FakeState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     state.record(&method, &uri, &headers, body);
     if let Err(response) = state.check_key(&headers) {
         return response;
@@ -189,7 +247,10 @@ async fn rename(
     Json(body): Json<Value>,
 ) -> Response {
     state.record(&method, &uri, &headers, body.clone());
-    if let Err(response) = state.check_key(&headers).and_then(|()| known_conversation(&state, &id, &body)) {
+    if let Err(response) = state
+        .check_key(&headers)
+        .and_then(|()| known_conversation(&state, &id, &body))
+    {
         return response;
     }
     Json(json!({ "id": id, "name": body["name"], "status": "normal" })).into_response()
@@ -204,7 +265,10 @@ async fn delete_conversation(
     Json(body): Json<Value>,
 ) -> Response {
     state.record(&method, &uri, &headers, body.clone());
-    if let Err(response) = state.check_key(&headers).and_then(|()| known_conversation(&state, &id, &body)) {
+    if let Err(response) = state
+        .check_key(&headers)
+        .and_then(|()| known_conversation(&state, &id, &body))
+    {
         return response;
     }
     state.conversations.lock().unwrap().remove(&id);
@@ -237,13 +301,25 @@ async fn chat_messages(
         _ => !matches!(mode.as_str(), "workflow" | "completion"),
     };
     if !endpoint_mode_ok {
-        return dify_error(400, "not_chat_app", "Please check if your app mode matches the right API route.");
+        return dify_error(
+            400,
+            "not_chat_app",
+            "Please check if your app mode matches the right API route.",
+        );
     }
-    let Some(user) = body["user"].as_str().filter(|u| !u.is_empty()).map(str::to_owned) else {
+    let Some(user) = body["user"]
+        .as_str()
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+    else {
         return dify_error(400, "invalid_param", "Arg user must be provided.");
     };
     if body["response_mode"] != "streaming" {
-        return dify_error(400, "invalid_param", "Agent Chat App does not support blocking mode");
+        return dify_error(
+            400,
+            "invalid_param",
+            "Agent Chat App does not support blocking mode",
+        );
     }
     let conversation_id = match body["conversation_id"].as_str().unwrap_or_default() {
         "" => uuid::Uuid::new_v4().to_string(),
@@ -263,23 +339,45 @@ async fn chat_messages(
         "workflow" => "workflow-run.sse",
         _ => "chat-basic.sse",
     };
-    let script = state.scripts.lock().unwrap().pop_front().unwrap_or_else(|| Script::replay(default_fixture));
+    let queued = state.scripts.lock().unwrap().pop_front();
+    let script = queued
+        .or_else(|| state.default_script.lock().unwrap().clone())
+        .unwrap_or_else(|| Script::replay(default_fixture));
     let has_conversations = !matches!(mode.as_str(), "workflow" | "completion");
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let sse = |body: Body| {
-        Response::builder().header("content-type", "text/event-stream; charset=utf-8").body(body).unwrap()
+        Response::builder()
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .body(body)
+            .unwrap()
     };
     let issue = |state: &FakeState| {
         if has_conversations {
-            state.conversations.lock().unwrap().insert(conversation_id.clone(), user.clone());
+            state
+                .conversations
+                .lock()
+                .unwrap()
+                .insert(conversation_id.clone(), user.clone());
         }
     };
     match script {
-        Script::HttpError { status, fixture: name } => {
+        Script::HttpError {
+            status,
+            fixture: name,
+        } => {
             let body = fixture(name);
-            return (StatusCode::from_u16(status).unwrap(), [("content-type", "application/json")], body).into_response();
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                body,
+            )
+                .into_response();
         }
-        Script::Replay { fixture: name, chunks, pause } => {
+        Script::Replay {
+            fixture: name,
+            chunks,
+            pause,
+        } => {
             issue(&state);
             let text = personalise(fixture(name), &conversation_id);
             tokio::spawn(replay(tx, text.into_bytes(), chunks, pause, false));
@@ -287,11 +385,23 @@ async fn chat_messages(
         Script::Broken { fixture: name } => {
             issue(&state);
             let text = personalise(fixture(name), &conversation_id);
-            tokio::spawn(replay(tx, text.into_bytes(), AWKWARD_CHUNKS.to_vec(), Duration::from_millis(1), true));
+            tokio::spawn(replay(
+                tx,
+                text.into_bytes(),
+                AWKWARD_CHUNKS.to_vec(),
+                Duration::from_millis(1),
+                true,
+            ));
         }
         Script::Long { deltas, pause } => {
             issue(&state);
-            tokio::spawn(long_answer(tx, state.clone(), conversation_id.clone(), deltas, pause));
+            tokio::spawn(long_answer(
+                tx,
+                state.clone(),
+                conversation_id.clone(),
+                deltas,
+                pause,
+            ));
         }
         Script::Silent => {
             tokio::spawn(async move {
@@ -300,7 +410,10 @@ async fn chat_messages(
             });
         }
     }
-    sse(Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })))
+    sse(Body::from_stream(futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+    )))
 }
 
 fn personalise(text: String, conversation_id: &str) -> String {
@@ -323,7 +436,11 @@ async fn replay(
             break;
         }
         let end = (at + size).min(bytes.len());
-        if tx.send(Ok(Bytes::copy_from_slice(&bytes[at..end]))).await.is_err() {
+        if tx
+            .send(Ok(Bytes::copy_from_slice(&bytes[at..end])))
+            .await
+            .is_err()
+        {
             return;
         }
         at = end;
@@ -332,7 +449,9 @@ async fn replay(
         }
     }
     if break_at_end {
-        let _ = tx.send(Err(std::io::Error::other("connection reset"))).await;
+        let _ = tx
+            .send(Err(std::io::Error::other("connection reset")))
+            .await;
     }
 }
 
@@ -357,11 +476,14 @@ async fn long_answer(
         if state.stopped_tasks.lock().unwrap().contains(&task_id) {
             break;
         }
-        let delta = with(json!({ "event": "message", "id": message_id, "answer": format!("word{i} ") }));
+        let delta =
+            with(json!({ "event": "message", "id": message_id, "answer": format!("word{i} ") }));
         // A closed receiver means the gateway went away; Dify keeps generating regardless.
         let _ = tx.send(Ok(frame(delta))).await;
         tokio::time::sleep(pause).await;
     }
-    let end = with(json!({ "event": "message_end", "id": message_id, "metadata": { "usage": { "prompt_tokens": 5, "completion_tokens": deltas, "total_tokens": 5 + deltas, "total_price": "0.0001", "currency": "USD", "latency": 1.5 } }, "files": null }));
+    let end = with(
+        json!({ "event": "message_end", "id": message_id, "metadata": { "usage": { "prompt_tokens": 5, "completion_tokens": deltas, "total_tokens": 5 + deltas, "total_price": "0.0001", "currency": "USD", "latency": 1.5 } }, "files": null }),
+    );
     let _ = tx.send(Ok(frame(end))).await;
 }

@@ -11,7 +11,7 @@ use rechat::{App, Config};
 use serde_json::{Value, json};
 
 pub use db::TestDatabase;
-pub use fake_dify::{DIFY_KEY, FakeDify, Script};
+pub use fake_dify::{DIFY_KEY, FakeDify};
 pub use ws::WsClient;
 
 pub struct TestApp {
@@ -34,11 +34,19 @@ impl TestApp {
         let mut config = Config::for_tests(&db.url(), &dify.url);
         adjust(&mut config);
         let app = App::build(config).await.expect("building the app");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("address");
         let router = rechat::router(app.clone());
         tokio::spawn(async move { axum::serve(listener, router).await });
-        Self { app, addr, http: reqwest::Client::new(), dify, db }
+        Self {
+            app,
+            addr,
+            http: reqwest::Client::new(),
+            dify,
+            db,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -51,7 +59,10 @@ impl TestApp {
 
     /// POSTs a GraphQL request with an optional token and returns the JSON answer.
     pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let mut request = self.http.post(self.url("/graphql")).json(&json!({ "query": query, "variables": variables }));
+        let mut request = self
+            .http
+            .post(self.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -60,7 +71,11 @@ impl TestApp {
     }
 
     pub fn anon(&self) -> Actor<'_> {
-        Actor { app: self, token: None, id: String::new() }
+        Actor {
+            app: self,
+            token: None,
+            id: String::new(),
+        }
     }
 
     pub async fn register(&self, email: &str) -> Actor<'_> {
@@ -82,7 +97,10 @@ impl TestApp {
 
     /// The first account (admin) and a second, ordinary one.
     pub async fn admin_and_user(&self) -> (Actor<'_>, Actor<'_>) {
-        (self.register("admin@example.com").await, self.register("user@example.com").await)
+        (
+            self.register("admin@example.com").await,
+            self.register("user@example.com").await,
+        )
     }
 
     /// Sets the fake Dify as the app's Dify in `mode`.
@@ -113,7 +131,10 @@ impl TestApp {
     pub async fn sql(&self, sql: &str) {
         use diesel_async::RunQueryDsl;
         let mut conn = self.app.db.get().await.expect("connection");
-        diesel::sql_query(sql).execute(&mut conn).await.expect("statement");
+        diesel::sql_query(sql)
+            .execute(&mut conn)
+            .await
+            .expect("statement");
     }
 }
 
@@ -133,11 +154,15 @@ impl Actor<'_> {
             Some(token) => json!({ "Authorization": format!("Bearer {token}") }),
             None => json!({}),
         };
-        WsClient::connect(&self.app.ws_url(), protocol, Some(payload)).await.expect("connection_ack")
+        WsClient::connect(&self.app.ws_url(), protocol, Some(payload))
+            .await
+            .expect("connection_ack")
     }
 }
 
 /// The `extensions.code` of the first error of an answer.
 pub fn error_code(answer: &Value) -> &str {
-    answer["errors"][0]["extensions"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {answer}"))
+    answer["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {answer}"))
 }

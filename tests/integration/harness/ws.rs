@@ -11,7 +11,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub const TRANSPORT_WS: &str = "graphql-transport-ws";
 pub const LEGACY_WS: &str = "graphql-ws";
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub struct WsClient {
     socket: Socket,
@@ -41,15 +42,31 @@ impl WsClient {
         authorization: Option<&str>,
     ) -> Result<Self, String> {
         let mut request = url.into_client_request().unwrap();
-        request.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocol.parse().unwrap());
         if let Some(auth) = authorization {
-            request.headers_mut().insert("authorization", auth.parse().unwrap());
+            request
+                .headers_mut()
+                .insert("authorization", auth.parse().unwrap());
         }
-        let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| e.to_string())?;
-        let protocol = if protocol == LEGACY_WS { LEGACY_WS } else { TRANSPORT_WS };
-        let mut client = Self { socket, protocol, next_id: 0 };
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let protocol = if protocol == LEGACY_WS {
+            LEGACY_WS
+        } else {
+            TRANSPORT_WS
+        };
+        let mut client = Self {
+            socket,
+            protocol,
+            next_id: 0,
+        };
         if let Some(payload) = init {
-            client.send(json!({ "type": "connection_init", "payload": payload })).await;
+            client
+                .send(json!({ "type": "connection_init", "payload": payload }))
+                .await;
             loop {
                 match client.recv().await {
                     Some(Ok(v)) if v["type"] == "connection_ack" => break,
@@ -64,7 +81,10 @@ impl WsClient {
     }
 
     pub async fn send(&mut self, message: Value) {
-        self.socket.send(Message::Text(message.to_string().into())).await.expect("send");
+        self.socket
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .expect("send");
     }
 
     /// The next JSON message, or `Err("close <code> <reason>")` when the server closed.
@@ -74,9 +94,13 @@ impl WsClient {
                 .await
                 .expect("no WebSocket message within 20 s")?;
             match message {
-                Ok(Message::Text(text)) => return Some(Ok(serde_json::from_str(&text).expect("JSON message"))),
+                Ok(Message::Text(text)) => {
+                    return Some(Ok(serde_json::from_str(&text).expect("JSON message")));
+                }
                 Ok(Message::Close(frame)) => {
-                    let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
                     return Some(Err(format!("close {code} {reason}")));
                 }
                 Ok(_) => continue,
@@ -89,13 +113,21 @@ impl WsClient {
     pub async fn subscribe(&mut self, query: &str, variables: Value) -> String {
         self.next_id += 1;
         let id = self.next_id.to_string();
-        let kind = if self.protocol == LEGACY_WS { "start" } else { "subscribe" };
+        let kind = if self.protocol == LEGACY_WS {
+            "start"
+        } else {
+            "subscribe"
+        };
         self.send(json!({ "id": id, "type": kind, "payload": { "query": query, "variables": variables } })).await;
         id
     }
 
     pub async fn unsubscribe(&mut self, id: &str) {
-        let kind = if self.protocol == LEGACY_WS { "stop" } else { "complete" };
+        let kind = if self.protocol == LEGACY_WS {
+            "stop"
+        } else {
+            "complete"
+        };
         self.send(json!({ "id": id, "type": kind })).await;
     }
 
@@ -118,7 +150,9 @@ impl WsClient {
         loop {
             match self.next_op().await {
                 OpMessage::Next(payload) => {
-                    if payload.get("errors").is_some_and(|e| !e.is_null()) && payload["data"].is_null() {
+                    if payload.get("errors").is_some_and(|e| !e.is_null())
+                        && payload["data"].is_null()
+                    {
                         return Err(payload);
                     }
                     payloads.push(payload);
@@ -130,6 +164,12 @@ impl WsClient {
     }
 
     pub async fn close(mut self) {
-        let _ = self.socket.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "".into() })).await;
+        let _ = self
+            .socket
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
     }
 }
