@@ -26,6 +26,8 @@ pub struct Inner {
     pub passwords: PasswordHasher,
     /// Shared by every Dify call (connection reuse); the key is per call.
     pub dify_http: reqwest::Client,
+    /// Failed sign-ins per email.
+    pub login_throttle: crate::auth::throttle::LoginThrottle,
     /// Answers this process is streaming.
     pub streams: crate::chat::Streams,
 }
@@ -78,6 +80,7 @@ impl App {
             ),
             db: pool,
             streams: Default::default(),
+            login_throttle: Default::default(),
             config,
         })))
     }

@@ -224,6 +224,7 @@ async fn websocket(state: HttpState, request: Request) -> Response {
     let header_credentials = bearer(&parts.headers).map(str::to_owned);
     let span = tracing::Span::current();
     upgrade
+        .max_message_size(BODY_LIMIT)
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| {
             serve_websocket(socket, protocol, state, header_credentials).instrument(span)

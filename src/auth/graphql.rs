@@ -112,28 +112,39 @@ impl AuthMutation {
     }
 
     /// Signs in. An unknown email and a wrong password give the same error in similar time.
+    /// After 10 failures for one email within 15 minutes, attempts are `RATE_LIMITED`.
     async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> AppResult<AuthPayload> {
         let app = ctx.app();
         let email = input.email.trim().to_lowercase();
+        app.login_throttle
+            .check(&email)
+            .map_err(|retry_after| AppError::RateLimited { retry_after })?;
         let user = {
             let mut conn = app.db.get().await?;
             db::find_by_email(&mut conn, &email).await?
         };
-        let Some(user) = user else {
-            app.passwords
+        let verified = match &user {
+            Some(user) => {
+                app.passwords
+                    .verify(&input.password, &user.password_hash)
+                    .await
+            }
+            None => app
+                .passwords
                 .verify_dummy(&input.password)
                 .await
-                .map_err(AppError::internal)?;
-            return Err(AppError::Unauthenticated(BAD_CREDENTIALS));
-        };
-        let ok = app
-            .passwords
-            .verify(&input.password, &user.password_hash)
-            .await
-            .map_err(AppError::internal)?;
-        if !ok || !user.is_active {
-            return Err(AppError::Unauthenticated(BAD_CREDENTIALS));
+                .map(|()| false),
         }
-        payload(ctx, &user)
+        .map_err(AppError::internal)?;
+        match user {
+            Some(user) if verified && user.is_active => {
+                app.login_throttle.succeeded(&email);
+                payload(ctx, &user)
+            }
+            _ => {
+                app.login_throttle.failed(&email);
+                Err(AppError::Unauthenticated(BAD_CREDENTIALS))
+            }
+        }
     }
 }

@@ -268,6 +268,13 @@ impl Relay {
             ids,
             raw,
         } = event;
+        // Dify's "New Agent" ends with one `message` repeating the whole answer: not a delta.
+        let event = match event {
+            Event::AnswerDelta(full) if self.dify.mode == AppMode::Agent && name == "message" => {
+                Event::AnswerReplaced(full)
+            }
+            event => event,
+        };
         let relayed = match event {
             Event::AnswerDelta(delta) if delta.is_empty() => return None,
             Event::AnswerDelta(delta) => {

@@ -339,3 +339,42 @@ async fn create_admin_creates_or_promotes() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_failed_logins_are_rate_limited() {
+    let app = TestApp::spawn().await;
+    app.register("ada@example.com").await;
+    let attempt = |password: &'static str| {
+        app.gql(
+            None,
+            LOGIN,
+            json!({ "input": { "email": "ada@example.com", "password": password } }),
+        )
+    };
+    for _ in 0..rechat::auth::throttle::MAX_FAILURES {
+        assert_eq!(
+            error_code(&attempt("wrong password").await),
+            "UNAUTHENTICATED"
+        );
+    }
+    let limited = attempt("correct horse battery").await;
+    assert_eq!(error_code(&limited), "RATE_LIMITED");
+    assert!(
+        limited["errors"][0]["extensions"]["retryAfter"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let other = app
+        .gql(
+            None,
+            LOGIN,
+            json!({ "input": { "email": "bob@example.com", "password": "whatever1" } }),
+        )
+        .await;
+    assert_eq!(
+        error_code(&other),
+        "UNAUTHENTICATED",
+        "other emails are not affected"
+    );
+}

@@ -246,6 +246,19 @@ async fn every_app_mode_streams_through_its_endpoint() {
             .contains("2026-04-12")
     );
 
+    app.configure_dify(&admin, "agent").await;
+    let new_agent = chat(&user, TRANSPORT_WS, json!({ "query": "what time is it?" })).await;
+    check_shape(&new_agent);
+    assert!(
+        kinds(&new_agent).contains(&"AnswerReplaced"),
+        "the closing full message replaces"
+    );
+    assert_eq!(
+        new_agent.last().unwrap()["message"]["content"],
+        agent.last().unwrap()["message"]["content"],
+        "the answer is not doubled"
+    );
+
     app.configure_dify(&admin, "advanced-chat").await;
     let chatflow = chat(&user, LEGACY_WS, json!({ "query": "你好" })).await;
     check_shape(&chatflow);
@@ -557,9 +570,7 @@ async fn chat_checks_come_before_anything_is_written() {
     ] {
         let mut ws = user.ws(TRANSPORT_WS).await;
         ws.subscribe(CHAT, json!({ "input": input })).await;
-        let errors = ws.collect().await.expect_err("refused");
-        let errors = errors.get("errors").unwrap_or(&errors);
-        assert_eq!(errors[0]["extensions"]["code"], code, "{input}");
+        assert_eq!(ws.refused_code().await, code, "{input}");
     }
     let count = app
         .sql_strings("SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages")
@@ -659,9 +670,7 @@ async fn dify_config_is_checked_encrypted_and_masked() {
     let mut ws = user.ws(TRANSPORT_WS).await;
     ws.subscribe(CHAT, json!({ "input": { "query": "hello" } }))
         .await;
-    let errors = ws.collect().await.expect_err("not configured");
-    let errors = errors.get("errors").unwrap_or(&errors);
-    assert_eq!(errors[0]["extensions"]["code"], "DIFY_NOT_CONFIGURED");
+    assert_eq!(ws.refused_code().await, "DIFY_NOT_CONFIGURED");
 }
 
 fn hex(text: &str) -> String {

@@ -14,12 +14,7 @@ async fn both_protocols_authenticate_from_connection_init() {
         // Signed in, but no Dify key yet: the subscription itself answers with a coded error.
         ws.subscribe(CHAT, json!({ "input": { "query": "hello" } }))
             .await;
-        let errors = ws.collect().await.expect_err("no Dify configured");
-        let errors = errors.get("errors").unwrap_or(&errors);
-        assert_eq!(
-            errors[0]["extensions"]["code"], "DIFY_NOT_CONFIGURED",
-            "{protocol}: {errors}"
-        );
+        assert_eq!(ws.refused_code().await, "DIFY_NOT_CONFIGURED", "{protocol}");
         ws.close().await;
     }
 }
@@ -42,10 +37,9 @@ async fn token_key_and_upgrade_header_are_accepted() {
     let mut ws = by_header.expect("ack");
     ws.subscribe(CHAT, json!({ "input": { "query": "hello" } }))
         .await;
-    let errors = ws.collect().await.expect_err("no Dify configured");
-    let errors = errors.get("errors").unwrap_or(&errors);
     assert_eq!(
-        errors[0]["extensions"]["code"], "DIFY_NOT_CONFIGURED",
+        ws.refused_code().await,
+        "DIFY_NOT_CONFIGURED",
         "signed in through the header"
     );
 
@@ -87,9 +81,7 @@ async fn anonymous_connections_get_unauthenticated_operations() {
     let mut ws = app.anon().ws(TRANSPORT_WS).await;
     ws.subscribe(CHAT, json!({ "input": { "query": "hello" } }))
         .await;
-    let errors = ws.collect().await.expect_err("not signed in");
-    let errors = errors.get("errors").unwrap_or(&errors);
-    assert_eq!(errors[0]["extensions"]["code"], "UNAUTHENTICATED");
+    assert_eq!(ws.refused_code().await, "UNAUTHENTICATED");
 }
 
 #[tokio::test(flavor = "multi_thread")]

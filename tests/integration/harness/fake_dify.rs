@@ -335,6 +335,7 @@ async fn chat_messages(
     };
     let default_fixture = match mode.as_str() {
         "agent-chat" => "agent-chat-tool-call.sse",
+        "agent" => "agent-new-closing-message.sse",
         "advanced-chat" => "chatflow.sse",
         "workflow" => "workflow-run.sse",
         _ => "chat-basic.sse",

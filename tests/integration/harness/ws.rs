@@ -163,6 +163,19 @@ impl WsClient {
         }
     }
 
+    /// The `extensions.code` of an operation that was refused (in either protocol's shape).
+    pub async fn refused_code(&mut self) -> String {
+        let errors = self
+            .collect()
+            .await
+            .expect_err("the operation should be refused");
+        let errors = errors.get("errors").unwrap_or(&errors);
+        errors[0]["extensions"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     pub async fn close(mut self) {
         let _ = self
             .socket
