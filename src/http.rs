@@ -73,6 +73,25 @@ pub fn router(app: App) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
+/// Serves the router until `shutdown` completes. Sockets get TCP_NODELAY: an answer streams as
+/// many small WebSocket frames, and Nagle's algorithm would hold each back until the previous
+/// one is acknowledged (about 40 ms with delayed ACKs).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "setting TCP_NODELAY failed");
+        }
+    });
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// A GraphQL-shaped error answer for problems found before execution.
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     (

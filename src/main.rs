@@ -106,8 +106,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {address} (set HOST and PORT)"))?;
     tracing::info!("rechat listening on http://{address} — GraphiQL at http://{address}/graphql");
-    axum::serve(listener, rechat::router(app.clone()))
-        .with_graceful_shutdown(shutdown_signal())
+    rechat::http::serve(listener, app.clone(), shutdown_signal())
         .await
         .context("serving HTTP")?;
     drain(&app).await;

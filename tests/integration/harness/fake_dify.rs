@@ -120,6 +120,10 @@ impl FakeDify {
             .route("/v1/conversations/{id}", delete(delete_conversation))
             .with_state(state.clone());
         let addr: SocketAddr = listener.local_addr().expect("fake Dify address");
+        // Like Dify's own servers, send each small SSE write at once.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, router).await });
         Self {
             url: format!("http://{addr}/v1"),

@@ -38,8 +38,11 @@ impl TestApp {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("address");
-        let router = rechat::router(app.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        tokio::spawn(rechat::http::serve(
+            listener,
+            app.clone(),
+            std::future::pending(),
+        ));
         Self {
             app,
             addr,
