@@ -90,17 +90,7 @@ fn init_tracing(format: LogFormat) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let address = std::net::SocketAddr::new(config.host, config.port);
     let app = rechat::App::build(config).await?;
-    {
-        let mut conn = app.db.get().await.context("connecting to MySQL")?;
-        let swept =
-            rechat::chat::db::sweep_interrupted(&mut conn, app.config.stale_stream_after).await?;
-        if swept > 0 {
-            tracing::warn!(
-                messages = swept,
-                "answers left STREAMING by a stopped gateway marked INTERRUPTED"
-            );
-        }
-    }
+    // Its first sweep runs at once: answers a previous run left STREAMING become INTERRUPTED.
     rechat::chat::spawn_sweeper(app.clone());
     let listener = tokio::net::TcpListener::bind(address)
         .await

@@ -62,8 +62,8 @@ struct Relay {
     seq: i32,
     conversation: ConversationRecord,
     content: String,
-    /// The content as last written.
-    flushed: Option<String>,
+    /// The content changed since it was last written.
+    dirty: bool,
     last_write: Instant,
     thoughts: Vec<AgentThought>,
     files: Vec<MessageFile>,
@@ -99,7 +99,7 @@ pub async fn run(
         seq: 0,
         conversation,
         content: String::new(),
-        flushed: Some(String::new()),
+        dirty: false,
         last_write: Instant::now(),
         thoughts: Vec::new(),
         files: Vec::new(),
@@ -136,7 +136,7 @@ impl Relay {
     }
 
     async fn consume(&mut self, request: ChatRequest, handle: &StreamHandle) -> Outcome {
-        let stream = match self.dify.client.stream(self.dify.mode, request).await {
+        let stream = match self.open(request).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::warn!(%error, "Dify refused the chat request");
@@ -194,6 +194,45 @@ impl Relay {
         }
     }
 
+    /// Starts Dify's stream. When Dify no longer knows the stored conversation (deleted in its
+    /// console, or its data reset), the turn continues in a new Dify conversation rather than
+    /// failing every turn from now on; Dify's earlier context is lost either way.
+    async fn open(
+        &mut self,
+        mut request: ChatRequest,
+    ) -> Result<impl futures::Stream<Item = Result<StreamEvent, DifyError>> + use<>, DifyError>
+    {
+        match self
+            .dify
+            .client
+            .stream(self.dify.mode, request.clone())
+            .await
+        {
+            Err(DifyError::Api { status: 404, .. }) if request.conversation_id.is_some() => {
+                tracing::warn!(
+                    dify.conversation_id = request.conversation_id,
+                    "Dify no longer knows this conversation; continuing in a new one"
+                );
+                let mut conn = self
+                    .app
+                    .db
+                    .get()
+                    .await
+                    .map_err(|_| DifyError::Unavailable("database unavailable".into()))?;
+                crate::conversations::db::clear_dify_conversation_id(
+                    &mut conn,
+                    self.conversation.id,
+                )
+                .await
+                .map_err(|_| DifyError::Unavailable("database unavailable".into()))?;
+                drop(conn);
+                request.conversation_id = None;
+                self.dify.client.stream(self.dify.mode, request).await
+            }
+            other => other,
+        }
+    }
+
     /// Asks Dify to stop, once, as soon as the task id is known.
     fn send_stop(&mut self) {
         let Some(task_id) = self
@@ -221,11 +260,11 @@ impl Relay {
             return;
         }
         let ids = &event.ids;
-        self.task_id = ids.task_id.clone().or_else(|| self.task_id.take());
         if ids.task_id.is_none() && ids.message_id.is_none() && ids.workflow_run_id.is_none() {
             return;
         }
         self.ids_recorded = true;
+        self.task_id.clone_from(&ids.task_id);
         self.send_stop();
         let result = async {
             let mut conn = self.app.db.get().await?;
@@ -279,6 +318,7 @@ impl Relay {
             Event::AnswerDelta(delta) if delta.is_empty() => return None,
             Event::AnswerDelta(delta) => {
                 self.content.push_str(&delta);
+                self.dirty = true;
                 ChatEvent::AnswerDelta(AnswerDelta {
                     message_id: id,
                     seq: self.next_seq(),
@@ -287,6 +327,7 @@ impl Relay {
             }
             Event::AnswerReplaced(answer) => {
                 self.content.clone_from(&answer);
+                self.dirty = true;
                 ChatEvent::AnswerReplaced(AnswerReplaced {
                     message_id: id,
                     seq: self.next_seq(),
@@ -451,8 +492,7 @@ impl Relay {
 
     /// Writes the partial answer if it changed, or a heartbeat if nothing was written lately.
     async fn flush(&mut self) {
-        let changed = self.flushed.as_deref() != Some(self.content.as_str());
-        if !changed && self.last_write.elapsed() < HEARTBEAT {
+        if !self.dirty && self.last_write.elapsed() < HEARTBEAT {
             return;
         }
         let result = async {
@@ -463,7 +503,7 @@ impl Relay {
         .await;
         match result {
             Ok(()) => {
-                self.flushed = Some(self.content.clone());
+                self.dirty = false;
                 self.last_write = Instant::now();
             }
             // The final write retries; a lost flush only delays what a reader sees.

@@ -138,6 +138,18 @@ pub async fn set_dify_conversation_id(
     .map(drop)
 }
 
+/// Forgets a Dify conversation id that Dify no longer knows.
+pub async fn clear_dify_conversation_id(
+    conn: &mut AsyncMysqlConnection,
+    id: ConversationId,
+) -> QueryResult<()> {
+    diesel::update(conversations::table.find(id))
+        .set(conversations::dify_conversation_id.eq(None::<String>))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
 #[derive(Debug, Default, AsChangeset)]
 #[diesel(table_name = conversations)]
 pub struct ConversationChange {
@@ -204,6 +216,11 @@ pub struct ConversationFilter<'a> {
     pub owner: UserId,
     pub archived: bool,
     /// A `LIKE` pattern (already escaped) matched against titles and message bodies.
+    ///
+    /// Search is a substring match, not FULLTEXT: InnoDB's FULLTEXT parser does not split CJK
+    /// text and drops words under 3 characters, so "年假" or "VPN" would not be found. The scan
+    /// is bounded to one owner's conversations (the `conversations_list` index, then
+    /// `messages_by_conversation` per candidate) and stops at the first matching message.
     pub search: Option<&'a str>,
 }
 

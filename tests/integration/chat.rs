@@ -211,7 +211,8 @@ async fn the_second_turn_sends_difys_conversation_id() {
     );
     assert_eq!(requests[0].body["conversation_id"], "");
 
-    // When Dify no longer knows the conversation, the turn fails with Dify's code, not a 500.
+    // When Dify no longer knows the conversation (404), the turn goes on in a new Dify
+    // conversation, and the next turns continue that one.
     app.dify.forget_conversations();
     let third = chat(
         &user,
@@ -219,10 +220,29 @@ async fn the_second_turn_sends_difys_conversation_id() {
         json!({ "conversationId": conversation_id, "query": "still there?" }),
     )
     .await;
-    let failed = third.last().unwrap();
-    assert_eq!(failed["__typename"], "ChatFailed");
-    assert_eq!(failed["error"]["code"], "not_found");
-    assert_eq!(failed["error"]["status"], 404);
+    assert_eq!(
+        third.last().unwrap()["__typename"],
+        "ChatCompleted",
+        "{third:?}"
+    );
+    let fourth = chat(
+        &user,
+        TRANSPORT_WS,
+        json!({ "conversationId": conversation_id, "query": "and now?" }),
+    )
+    .await;
+    assert_eq!(fourth.last().unwrap()["__typename"], "ChatCompleted");
+    let requests = app.dify.requests_to("/chat-messages");
+    assert_eq!(
+        requests[2].body["conversation_id"], issued,
+        "tried the stored id first"
+    );
+    assert_eq!(
+        requests[3].body["conversation_id"], "",
+        "then a new Dify conversation"
+    );
+    let renewed = requests[4].body["conversation_id"].as_str().unwrap();
+    assert!(!renewed.is_empty() && renewed != issued);
 }
 
 #[tokio::test(flavor = "multi_thread")]
