@@ -179,20 +179,22 @@ fn operation_type(request: &async_graphql::Request) -> Option<OperationType> {
     }
 }
 
+/// GraphiQL, with subscriptions over the WebSocket on the same path.
+static GRAPHIQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    GraphiQLSource::build()
+        .endpoint("/graphql")
+        .subscription_endpoint("/graphql")
+        .title("rechat GraphiQL")
+        .finish()
+});
+
 async fn graphql_get(State(state): State<HttpState>, request: Request) -> Response {
     if is_websocket(request.headers()) {
         return websocket(state, request).await;
     }
     let query = request.uri().query().unwrap_or("");
     if !query.split('&').any(|pair| pair.starts_with("query=")) {
-        return Html(
-            GraphiQLSource::build()
-                .endpoint("/graphql")
-                .subscription_endpoint("/graphql")
-                .title("rechat GraphiQL")
-                .finish(),
-        )
-        .into_response();
+        return Html(GRAPHIQL.as_str()).into_response();
     }
     let graphql_request = match async_graphql::http::parse_query_string(query) {
         Ok(r) => r,
@@ -351,10 +353,10 @@ async fn serve_websocket(
         .await;
 }
 
-async fn schema_sdl() -> impl IntoResponse {
+async fn schema_sdl(State(state): State<HttpState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        graphql::sdl(),
+        state.schema.sdl(),
     )
 }
 
