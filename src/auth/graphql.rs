@@ -4,11 +4,10 @@ use async_graphql::{Context, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
 
-use crate::db::types::now;
 use crate::error::{AppError, AppResult};
 use crate::graphql::context::ContextExt;
 use crate::users::db::{self, NewUserRecord, UserRecord};
-use crate::users::domain::{Email, UserId, check_password, clean_full_name};
+use crate::users::domain::{Email, check_password, clean_full_name};
 use crate::users::graphql::User;
 
 const BAD_CREDENTIALS: &str = "wrong email or password";
@@ -82,19 +81,8 @@ impl AuthMutation {
                 // The settings row is the lock that makes "first account" race-free.
                 crate::admin::db::lock_settings(conn).await?;
                 let is_first = !db::any_exists(conn).await?;
-                let at = now();
-                let id = UserId::new();
-                let record = NewUserRecord {
-                    id,
-                    email: email.as_str(),
-                    password_hash: &hash,
-                    full_name: full_name.as_deref(),
-                    is_active: true,
-                    is_admin: is_first,
-                    token_version: 0,
-                    created_at: at,
-                    updated_at: at,
-                };
+                let record =
+                    NewUserRecord::new(email.as_str(), &hash, full_name.as_deref(), is_first);
                 match db::insert(conn, &record).await {
                     Err(diesel::result::Error::DatabaseError(
                         diesel::result::DatabaseErrorKind::UniqueViolation,
@@ -102,7 +90,7 @@ impl AuthMutation {
                     )) => return Err(AppError::Conflict("this email is already registered")),
                     other => other?,
                 }
-                db::find(conn, id)
+                db::find(conn, record.id)
                     .await?
                     .ok_or_else(|| AppError::internal(anyhow::anyhow!("inserted user vanished")))
             })

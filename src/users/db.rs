@@ -35,6 +35,29 @@ pub struct NewUserRecord<'a> {
     pub updated_at: NaiveDateTime,
 }
 
+impl<'a> NewUserRecord<'a> {
+    /// A new active account with a fresh id.
+    pub fn new(
+        email: &'a str,
+        password_hash: &'a str,
+        full_name: Option<&'a str>,
+        is_admin: bool,
+    ) -> Self {
+        let at = crate::db::types::now();
+        Self {
+            id: UserId::new(),
+            email,
+            password_hash,
+            full_name,
+            is_active: true,
+            is_admin,
+            token_version: 0,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+}
+
 pub async fn find(conn: &mut AsyncMysqlConnection, id: UserId) -> QueryResult<Option<UserRecord>> {
     users::table
         .find(id)
@@ -119,6 +142,25 @@ pub async fn set_active(
         .set((
             users::is_active.eq(is_active),
             users::token_version.eq(users::token_version + bump),
+            users::updated_at.eq(crate::db::types::now()),
+        ))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Makes an account an active admin with a new password, revoking its tokens.
+pub async fn reset_as_admin(
+    conn: &mut AsyncMysqlConnection,
+    id: UserId,
+    password_hash: &str,
+) -> QueryResult<()> {
+    diesel::update(users::table.find(id))
+        .set((
+            users::is_admin.eq(true),
+            users::is_active.eq(true),
+            users::password_hash.eq(password_hash),
+            users::token_version.eq(users::token_version + 1),
             users::updated_at.eq(crate::db::types::now()),
         ))
         .execute(conn)
