@@ -123,7 +123,26 @@ async fn execute(
             );
         }
     };
-    GraphQLResponse::from(state.schema.execute(request.data(viewer)).await).into_response()
+    let request = request.data(viewer);
+    let multipart = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(async_graphql::http::is_accept_multipart_mixed);
+    if multipart {
+        // Apollo-style subscriptions over HTTP: each event is one part of a multipart/mixed
+        // answer, with an empty heartbeat part every 30 s.
+        let parts = async_graphql::http::create_multipart_mixed_stream(
+            state.schema.execute_stream(request),
+            Duration::from_secs(30),
+        );
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "multipart/mixed; boundary=graphql")
+            .body(axum::body::Body::from_stream(
+                parts.map(Ok::<_, std::convert::Infallible>),
+            ))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    GraphQLResponse::from(state.schema.execute(request).await).into_response()
 }
 
 async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -811,3 +811,40 @@ async fn answers_of_a_dead_gateway_become_interrupted() {
         "STREAMING"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_also_stream_as_multipart_over_http() {
+    let (app, _, token) = setup("chat").await;
+    let body = app
+        .http
+        .post(app.url("/graphql"))
+        .bearer_auth(&token)
+        .header(
+            "accept",
+            "multipart/mixed;boundary=\"graphql\";subscriptionSpec=\"1.0\",application/json",
+        )
+        .json(&json!({ "query": CHAT, "variables": { "input": { "query": "over http" } } }))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        body.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("multipart/mixed")
+    );
+    let text = body.text().await.unwrap();
+    let events: Vec<Value> = text
+        .split("--graphql")
+        .filter_map(|part| part.split_once("\r\n\r\n"))
+        .filter_map(|(_, json)| serde_json::from_str::<Value>(json.trim()).ok())
+        .filter_map(|response| {
+            response["data"]["chat"]
+                .as_object()
+                .cloned()
+                .map(Value::Object)
+        })
+        .collect();
+    check_shape(&events);
+    assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
+}
