@@ -8,4 +8,5 @@ mod chat;
 mod conversations;
 mod http_surface;
 mod schema;
+mod startup;
 mod websocket;
