@@ -45,6 +45,7 @@ impl ChatSubscription {
         ctx: &Context<'_>,
         input: ChatInput,
     ) -> async_graphql::Result<BoxStream<'static, ChatEvent>> {
+        // The macro recognises a fallible stream only by the name `Result`, hence the wrapper.
         Ok(start(ctx, input).await?)
     }
 }
@@ -81,25 +82,17 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
     if !user.is_some_and(|u| u.is_active && u.token_version == viewer.token_version) {
         return Err(AppError::Unauthenticated(SESSION_INVALID));
     }
-    let existing = match conversation_id {
-        Some(id) => Some(
-            conversations_db::find_owned(&mut conn, id, viewer.id)
-                .await?
-                .ok_or(AppError::NotFound("conversation"))?,
-        ),
-        None => None,
-    };
+    if let Some(id) = conversation_id {
+        conversations_db::find_owned(&mut conn, id, viewer.id)
+            .await?
+            .ok_or(AppError::NotFound("conversation"))?;
+    }
     drop(conn);
     let dify = app.dify().await?;
 
     let mut conn = app.db.get().await?;
-    let (conversation, question, answer) = super::db::begin_turn(
-        &mut conn,
-        viewer.id,
-        existing.as_ref().map(|c| c.id),
-        &query,
-    )
-    .await?;
+    let (conversation, question, answer) =
+        super::db::begin_turn(&mut conn, viewer.id, conversation_id, &query).await?;
     drop(conn);
     let request = ChatRequest {
         query,
