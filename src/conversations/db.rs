@@ -158,28 +158,27 @@ pub struct ConversationChange {
     pub is_pinned: Option<bool>,
 }
 
-/// Applies a change to an owned conversation; `false` when there is none to change.
+/// Applies a change to an owned conversation and returns it as stored; `None` when it is not
+/// the owner's (or does not exist).
 pub async fn update(
     conn: &mut AsyncMysqlConnection,
     id: ConversationId,
     owner: UserId,
     change: &ConversationChange,
-) -> QueryResult<bool> {
-    if change.title.is_none() && change.is_archived.is_none() && change.is_pinned.is_none() {
-        return Ok(find_owned(conn, id, owner).await?.is_some());
+) -> QueryResult<Option<ConversationRecord>> {
+    if change.title.is_some() || change.is_archived.is_some() || change.is_pinned.is_some() {
+        diesel::update(
+            conversations::table.filter(
+                conversations::id
+                    .eq(id)
+                    .and(conversations::user_id.eq(owner)),
+            ),
+        )
+        .set(change)
+        .execute(conn)
+        .await?;
     }
-    let rows = diesel::update(
-        conversations::table.filter(
-            conversations::id
-                .eq(id)
-                .and(conversations::user_id.eq(owner)),
-        ),
-    )
-    .set(change)
-    .execute(conn)
-    .await?;
-    // MySQL counts changed rows, so an update to the same values reports 0: look again.
-    Ok(rows > 0 || find_owned(conn, id, owner).await?.is_some())
+    find_owned(conn, id, owner).await
 }
 
 /// Deletes a conversation and its messages together (the foreign key cascades).

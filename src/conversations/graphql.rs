@@ -468,10 +468,7 @@ impl ConversationMutation {
         };
         let app = ctx.app();
         let mut conn = app.db.get().await?;
-        if !db::update(&mut conn, id, user.id, &change).await? {
-            return Err(AppError::NotFound("conversation"));
-        }
-        let conversation = db::find_owned(&mut conn, id, user.id)
+        let conversation = db::update(&mut conn, id, user.id, &change)
             .await?
             .ok_or(AppError::NotFound("conversation"))?;
         drop(conn);
