@@ -9,19 +9,29 @@ use base64::Engine as _;
 use rand::RngCore as _;
 use secrecy::ExposeSecret;
 
+use crate::admin::dify::DifyCache;
 use crate::auth::password::PasswordHasher;
 use crate::auth::token::Keys;
+use crate::chat::writer::Writer;
 use crate::config::Config;
-use crate::db::{self, DbPool};
-use crate::dify::{AppMode, DifyClient};
-use crate::error::{AppError, AppResult};
+use crate::db::{self, Db};
+use crate::error::AppResult;
+use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct App(Arc<Inner>);
 
 pub struct Inner {
     pub config: Config,
-    pub db: DbPool,
+    /// Interactive work: requests, start-up of a chat, mutations.
+    pub db: Db,
+    /// Background work: write-behind batches, final writes of answers, the sweeper. Kept apart
+    /// so that interactive work never queues behind thousands of streams' writes.
+    pub writer_db: Db,
+    /// The write-behind writer of live answers.
+    pub writer: Writer,
+    pub metrics: Arc<Metrics>,
+    pub dify_cache: DifyCache,
     pub keys: Keys,
     pub passwords: PasswordHasher,
     /// Shared by every Dify call (connection reuse); the key is per call.
@@ -30,6 +40,13 @@ pub struct Inner {
     pub login_throttle: crate::auth::throttle::LoginThrottle,
     /// Answers this process is streaming.
     pub streams: crate::chat::Streams,
+    writer_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.writer_task.abort();
+    }
 }
 
 impl Deref for App {
@@ -39,19 +56,28 @@ impl Deref for App {
     }
 }
 
-/// The configured Dify app.
-#[derive(Clone)]
-pub struct Dify {
-    pub client: DifyClient,
-    pub mode: AppMode,
-}
+pub use crate::admin::dify::Dify;
 
 impl App {
     /// Creates the database if needed, migrates it and loads the keys.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         db::ensure_database(&config).await?;
         db::migrate(config.database_url.as_str()).await?;
-        let pool = db::pool(config.database_url.as_str(), config.db_pool_size)?;
+        let metrics = Arc::new(Metrics::default());
+        let pool = Db::new(
+            db::pool(config.database_url.as_str(), config.db_pool_size)?,
+            metrics.pool_wait_seconds.clone(),
+        );
+        let writer_db = Db::new(
+            db::pool(config.database_url.as_str(), config.writer_pool_size)?,
+            metrics.pool_wait_seconds.clone(),
+        );
+        let writer = Writer::new(writer_db.clone(), metrics.clone());
+        let streams = crate::chat::Streams::default();
+        let writer_task = writer.clone().spawn(config.flush_interval, {
+            let streams = streams.clone();
+            move || streams.ids()
+        });
         let secret = match &config.secret_key {
             Some(secret) => secret.expose_secret().to_owned(),
             None => {
@@ -79,38 +105,19 @@ impl App {
                 config.dify_read_timeout,
             ),
             db: pool,
-            streams: Default::default(),
+            writer_db,
+            writer,
+            metrics,
+            dify_cache: Default::default(),
+            streams,
+            writer_task,
             login_throttle: Default::default(),
             config,
         })))
     }
 
-    /// The Dify client for the stored key, or `DIFY_NOT_CONFIGURED`.
+    /// The Dify client for the stored key, or `DIFY_NOT_CONFIGURED` (cached; see `admin::dify`).
     pub async fn dify(&self) -> AppResult<Dify> {
-        let mut conn = self.db.get().await?;
-        let record = crate::admin::db::dify(&mut conn).await?;
-        drop(conn);
-        let Some(sealed) = record.dify_api_key_encrypted else {
-            return Err(AppError::DifyNotConfigured);
-        };
-        let Some(key) = crate::admin::domain::decrypt(&self.keys.cipher_key, &sealed) else {
-            tracing::error!(
-                "the stored Dify key cannot be decrypted: SECRET_KEY changed since it was set"
-            );
-            return Err(AppError::DifyNotConfigured);
-        };
-        let url = match record.dify_api_url.as_deref().map(url::Url::parse) {
-            Some(Ok(url)) => url,
-            _ => self.config.dify_api_url.clone(),
-        };
-        let mode = record
-            .dify_app_mode
-            .as_deref()
-            .and_then(AppMode::parse)
-            .unwrap_or(AppMode::Chat);
-        Ok(Dify {
-            client: DifyClient::new(self.dify_http.clone(), url, key),
-            mode,
-        })
+        self.dify_cache.get(self).await
     }
 }

@@ -41,8 +41,10 @@ pub struct Config {
     pub jwt_expire: Duration,
     /// `LOG_FORMAT`: `pretty` or `json` (`RUST_LOG` is read by the log filter itself).
     pub log_format: LogFormat,
-    /// Not configurable from the environment: connections per process.
+    /// Not configurable from the environment: connections per process for interactive work.
     pub db_pool_size: usize,
+    /// Connections per process for background writes (write-behind batches, final writes).
+    pub writer_pool_size: usize,
     /// How often a streaming answer is written to MySQL while it grows.
     pub flush_interval: Duration,
     /// A STREAMING message whose last flush is older than this belongs to a dead process.
@@ -159,6 +161,7 @@ impl Config {
             jwt_expire: Duration::from_secs(minutes * 60),
             log_format,
             db_pool_size: 16,
+            writer_pool_size: 8,
             flush_interval: Duration::from_secs(1),
             stale_stream_after: Duration::from_secs(120),
             dify_read_timeout: Duration::from_secs(60),
@@ -180,6 +183,7 @@ impl Config {
             jwt_expire: Duration::from_secs(3600),
             log_format: LogFormat::Pretty,
             db_pool_size: 4,
+            writer_pool_size: 2,
             flush_interval: Duration::from_millis(200),
             stale_stream_after: Duration::from_secs(120),
             dify_read_timeout: Duration::from_secs(3),

@@ -30,6 +30,8 @@ use crate::graphql::{self, AppSchema};
 
 /// Largest accepted request body; a chat query is far smaller.
 pub const BODY_LIMIT: usize = 256 * 1024;
+/// Bytes read from a WebSocket at a time; a frame may be larger (up to `BODY_LIMIT`).
+const WS_READ_BUFFER: usize = 4096;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(Clone)]
@@ -53,6 +55,7 @@ pub fn router(app: App) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state);
     if !cors_origins.is_empty() {
@@ -264,6 +267,11 @@ async fn websocket(state: HttpState, request: Request) -> Response {
     let header_credentials = bearer(&parts.headers).map(str::to_owned);
     let span = tracing::Span::current();
     upgrade
+        // Chat traffic is small frames: the library's 128 KiB default read buffer per socket was
+        // most of the gateway's memory per stream. Writes go out as they are sent.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_frame_size(BODY_LIMIT)
         .max_message_size(BODY_LIMIT)
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| {
@@ -376,6 +384,17 @@ async fn schema_sdl(State(state): State<HttpState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         state.schema.sdl(),
+    )
+}
+
+/// Prometheus metrics in the text exposition format.
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.app.metrics.render(),
     )
 }
 

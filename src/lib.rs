@@ -12,6 +12,7 @@ pub mod dify;
 pub mod error;
 pub mod graphql;
 pub mod http;
+pub mod metrics;
 pub mod users;
 
 pub use app::App;

@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use rechat::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc gives memory back to the system after a burst (thousands of streams, a wave of
+/// argon2 hashes) where glibc's allocator keeps most of it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "rechat", version, about = "GraphQL gateway for Dify apps")]
 struct Cli {

@@ -129,6 +129,7 @@ impl AdminMutation {
             },
         )
         .await?;
+        app.dify_cache.invalidate();
         tracing::info!(user.id = %admin.id, dify.app_mode = info.mode, dify.url = %url, "Dify configuration set");
         current(ctx).await
     }
@@ -149,6 +150,7 @@ impl AdminMutation {
             },
         )
         .await?;
+        ctx.app().dify_cache.invalidate();
         tracing::info!(user.id = %admin.id, "Dify configuration deleted");
         current(ctx).await
     }

@@ -1,5 +1,5 @@
-//! Chat persistence: the turn written before Dify is called, the bounded-rate flushes, the
-//! final write, and the sweep of answers whose gateway went away.
+//! Chat persistence: the turn written before Dify is called, the final write, and the sweep of
+//! answers whose gateway went away. Partial answers are written behind by `writer`.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
@@ -8,23 +8,66 @@ use crate::conversations::db::{self as conversations_db, ConversationRecord, Mes
 use crate::conversations::domain::{
     ConversationId, MessageId, MessageRole, MessageStatus, title_from_query,
 };
-use crate::db::schema::messages;
+use crate::db::schema::{conversations, messages, users};
 use crate::db::types::now;
 use crate::users::domain::UserId;
 
-/// In one transaction: the conversation (created on a first turn), the user's message and an
-/// empty STREAMING answer.
+/// Why a turn could not begin.
+#[derive(Debug)]
+pub enum BeginError {
+    /// The account is gone, deactivated, or its tokens were revoked.
+    SessionInvalid,
+    /// The conversation does not exist or belongs to someone else.
+    ConversationNotFound,
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for BeginError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Db(error)
+    }
+}
+
+/// Everything a turn needs before Dify is called, in one transaction on one connection: the
+/// account and the conversation's owner checked in one query, then the conversation (created on
+/// a first turn), the user's message and an empty STREAMING answer.
 pub async fn begin_turn(
     conn: &mut AsyncMysqlConnection,
     owner: UserId,
+    token_version: i32,
     existing: Option<ConversationId>,
     query: &str,
-) -> QueryResult<(ConversationRecord, MessageRecord, MessageRecord)> {
+) -> Result<(ConversationRecord, MessageRecord, MessageRecord), BeginError> {
     conn.transaction(async |conn| {
-        let conversation_id = match existing {
-            Some(id) => id,
-            None => {
-                let at = now();
+        let (active, version, found): (bool, i32, Option<ConversationRecord>) = users::table
+            .left_join(
+                conversations::table.on(conversations::user_id
+                    .eq(users::id)
+                    .and(conversations::id.nullable().eq(existing))),
+            )
+            .filter(users::id.eq(owner))
+            .select((
+                users::is_active,
+                users::token_version,
+                Option::<ConversationRecord>::as_select(),
+            ))
+            .first(conn)
+            .await
+            .optional()?
+            .ok_or(BeginError::SessionInvalid)?;
+        if !active || version != token_version {
+            return Err(BeginError::SessionInvalid);
+        }
+        let at = now();
+        let conversation = match (existing, found) {
+            (Some(_), None) => return Err(BeginError::ConversationNotFound),
+            (Some(_), Some(mut conversation)) => {
+                conversations_db::touch(conn, conversation.id, 2).await?;
+                conversation.message_count += 2;
+                conversation.updated_at = at;
+                conversation
+            }
+            (None, _) => {
                 let conversation = ConversationRecord {
                     id: ConversationId::new(),
                     user_id: owner,
@@ -32,74 +75,30 @@ pub async fn begin_turn(
                     is_archived: false,
                     is_pinned: false,
                     dify_conversation_id: None,
-                    message_count: 0,
+                    message_count: 2,
                     created_at: at,
                     updated_at: at,
                 };
                 conversations_db::insert(conn, &conversation).await?;
-                conversation.id
+                conversation
             }
         };
         let question = MessageRecord::new(
-            conversation_id,
+            conversation.id,
             MessageRole::User,
             query.to_owned(),
             MessageStatus::Completed,
         );
         let answer = MessageRecord::new(
-            conversation_id,
+            conversation.id,
             MessageRole::Assistant,
             String::new(),
             MessageStatus::Streaming,
         );
         conversations_db::insert_messages(conn, &[question.clone(), answer.clone()]).await?;
-        conversations_db::touch(conn, conversation_id, 2).await?;
-        let conversation = conversations_db::find_owned(conn, conversation_id, owner)
-            .await?
-            .ok_or(diesel::result::Error::NotFound)?;
         Ok((conversation, question, answer))
     })
     .await
-}
-
-/// Dify's ids for the answer, stored as soon as the first frame names them (stop needs the task).
-pub async fn record_dify_ids(
-    conn: &mut AsyncMysqlConnection,
-    id: MessageId,
-    message_id: Option<&str>,
-    task_id: Option<&str>,
-    workflow_run_id: Option<&str>,
-) -> QueryResult<()> {
-    diesel::update(messages::table.find(id))
-        .set((
-            messages::dify_message_id.eq(message_id),
-            messages::dify_task_id.eq(task_id),
-            messages::dify_workflow_run_id.eq(workflow_run_id),
-            messages::updated_at.eq(now()),
-        ))
-        .execute(conn)
-        .await
-        .map(drop)
-}
-
-/// Saves the partial answer; also serves as the heartbeat that keeps the sweeper away.
-pub async fn flush(
-    conn: &mut AsyncMysqlConnection,
-    id: MessageId,
-    content: &str,
-) -> QueryResult<()> {
-    diesel::update(
-        messages::table
-            .find(id)
-            .filter(messages::status.eq(MessageStatus::Streaming)),
-    )
-    .set((
-        messages::content.eq(content),
-        messages::updated_at.eq(now()),
-    ))
-    .execute(conn)
-    .await
-    .map(drop)
 }
 
 /// Marks a stop request, visible to whichever gateway process streams the answer.
@@ -125,6 +124,13 @@ pub struct FinalAnswer<'a> {
     pub retriever_resources: Option<String>,
     pub agent_thoughts: Option<String>,
     pub files: Option<String>,
+    /// Dify's ids, also handed to the writer earlier; written here so the final row has them
+    /// whatever became of that write.
+    pub dify_message_id: Option<&'a str>,
+    pub dify_task_id: Option<&'a str>,
+    pub dify_workflow_run_id: Option<&'a str>,
+    /// The Dify conversation to keep on the conversation, if it has none yet.
+    pub dify_conversation_id: Option<&'a str>,
 }
 
 /// Writes the answer once at the end. A stop requested from any process turns COMPLETED into
@@ -159,10 +165,16 @@ pub async fn finish(
                 messages::retriever_resources.eq(&answer.retriever_resources),
                 messages::agent_thoughts.eq(&answer.agent_thoughts),
                 messages::files.eq(&answer.files),
+                messages::dify_message_id.eq(answer.dify_message_id),
+                messages::dify_task_id.eq(answer.dify_task_id),
+                messages::dify_workflow_run_id.eq(answer.dify_workflow_run_id),
                 messages::updated_at.eq(now()),
             ))
             .execute(conn)
             .await?;
+        if let Some(dify) = answer.dify_conversation_id {
+            conversations_db::set_dify_conversation_id(conn, conversation, dify).await?;
+        }
         conversations_db::touch(conn, conversation, 0).await?;
         conversations_db::find_message(conn, id).await
     })
@@ -170,7 +182,7 @@ pub async fn finish(
 }
 
 /// Answers still STREAMING whose last write is older than `stale_after` belong to a gateway that
-/// died: they become INTERRUPTED with what was saved. Safe with several gateways on one
+/// died: they become INTERRUPTED with what was saved, and the error `interrupted`. Safe with several gateways on one
 /// database, because a live stream writes at least every `HEARTBEAT`.
 pub async fn sweep_interrupted(
     conn: &mut AsyncMysqlConnection,
@@ -185,8 +197,12 @@ pub async fn sweep_interrupted(
     )
     .set((
         messages::status.eq(MessageStatus::Interrupted),
+        messages::error.eq(INTERRUPTED_ERROR),
         messages::updated_at.eq(now()),
     ))
     .execute(conn)
     .await
 }
+
+/// The stored error of an answer whose gateway went away mid-stream.
+const INTERRUPTED_ERROR: &str = r#"{"code":"interrupted","message":"the gateway relaying this answer stopped before it ended; the answer keeps what was saved","status":null}"#;

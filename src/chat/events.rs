@@ -32,6 +32,44 @@ pub enum ChatEvent {
     ChatFailed(ChatFailed),
 }
 
+impl ChatEvent {
+    fn header(&mut self) -> (&mut ID, &mut i32) {
+        match self {
+            Self::ChatStarted(e) => (&mut e.message_id, &mut e.seq),
+            Self::AnswerDelta(e) => (&mut e.message_id, &mut e.seq),
+            Self::AnswerReplaced(e) => (&mut e.message_id, &mut e.seq),
+            Self::AgentThoughtUpdated(e) => (&mut e.message_id, &mut e.seq),
+            Self::MessageFileAdded(e) => (&mut e.message_id, &mut e.seq),
+            Self::WorkflowProgress(e) => (&mut e.message_id, &mut e.seq),
+            Self::DifyEvent(e) => (&mut e.message_id, &mut e.seq),
+            Self::ChatCompleted(e) => (&mut e.message_id, &mut e.seq),
+            Self::ChatFailed(e) => (&mut e.message_id, &mut e.seq),
+        }
+    }
+
+    /// Sets the event's `messageId` and `seq`: done in one place, by the relay's emitter.
+    pub fn stamp(&mut self, message_id: &ID, seq: i32) {
+        let (id, number) = self.header();
+        id.clone_from(message_id);
+        *number = seq;
+    }
+
+    /// The GraphQL type name, for logs, metrics and tests.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::ChatStarted(_) => "ChatStarted",
+            Self::AnswerDelta(_) => "AnswerDelta",
+            Self::AnswerReplaced(_) => "AnswerReplaced",
+            Self::AgentThoughtUpdated(_) => "AgentThoughtUpdated",
+            Self::MessageFileAdded(_) => "MessageFileAdded",
+            Self::WorkflowProgress(_) => "WorkflowProgress",
+            Self::DifyEvent(_) => "DifyEvent",
+            Self::ChatCompleted(_) => "ChatCompleted",
+            Self::ChatFailed(_) => "ChatFailed",
+        }
+    }
+}
+
 /// Always first: the turn is saved and the answer is about to stream.
 #[derive(SimpleObject)]
 pub struct ChatStarted {

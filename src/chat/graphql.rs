@@ -5,6 +5,7 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use serde_json::Value;
 
+use super::db::BeginError;
 use super::events::ChatEvent;
 use super::relay::{self, Turn};
 use super::{dify_user, stop_message};
@@ -76,23 +77,23 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
         .map(|id| ConversationId::parse("conversationId", &id))
         .transpose()?;
 
-    let mut conn = app.db.get().await?;
-    // A WebSocket can outlive its token: check the account again at each turn.
-    let user = crate::users::db::find(&mut conn, viewer.id).await?;
-    if !user.is_some_and(|u| u.is_active && u.token_version == viewer.token_version) {
-        return Err(AppError::Unauthenticated(SESSION_INVALID));
-    }
-    if let Some(id) = conversation_id {
-        conversations_db::find_owned(&mut conn, id, viewer.id)
-            .await?
-            .ok_or(AppError::NotFound("conversation"))?;
-    }
-    drop(conn);
     let dify = app.dify().await?;
-
     let mut conn = app.db.get().await?;
-    let (conversation, question, answer) =
-        super::db::begin_turn(&mut conn, viewer.id, conversation_id, &query).await?;
+    // A WebSocket can outlive its token: the account is checked again at each turn, in the same
+    // query that checks the conversation's owner.
+    let (conversation, question, answer) = super::db::begin_turn(
+        &mut conn,
+        viewer.id,
+        viewer.token_version,
+        conversation_id,
+        &query,
+    )
+    .await
+    .map_err(|error| match error {
+        BeginError::SessionInvalid => AppError::Unauthenticated(SESSION_INVALID),
+        BeginError::ConversationNotFound => AppError::NotFound("conversation"),
+        BeginError::Db(error) => error.into(),
+    })?;
     drop(conn);
     let request = ChatRequest {
         query,
@@ -108,6 +109,8 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
     let handle = app.streams.register(answer.id);
     let message_id = answer.id;
     let streams = app.streams.clone();
+    let active = app.metrics.active_streams.clone();
+    active.inc();
     let turn = Turn {
         conversation,
         question,
@@ -118,6 +121,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
         async move {
             relay::run(app, dify, turn, tx, handle).await;
             streams.remove(message_id);
+            active.dec();
         },
         span,
     ));

@@ -1,10 +1,12 @@
 //! Chat: the `chat` subscription relaying Dify's stream, stopping answers, feedback, and the
 //! sweep that marks answers of dead gateway processes INTERRUPTED.
 
+pub mod answer;
 pub mod db;
 pub mod events;
 pub mod graphql;
 pub mod relay;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,16 @@ impl Streams {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .cloned()
+    }
+
+    /// The answers streaming now.
+    pub fn ids(&self) -> Vec<MessageId> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -116,13 +128,13 @@ pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
         let mut every = tokio::time::interval(Duration::from_secs(30));
         loop {
             every.tick().await;
-            let result = async {
-                let mut conn = app.db.get().await?;
-                Ok::<_, anyhow::Error>(
-                    db::sweep_interrupted(&mut conn, app.config.stale_stream_after).await?,
-                )
-            }
-            .await;
+            let stale_after = app.config.stale_stream_after;
+            let result = app
+                .writer_db
+                .run(crate::db::STATEMENT_TIMEOUT, async |conn| {
+                    db::sweep_interrupted(conn, stale_after).await
+                })
+                .await;
             match result {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(

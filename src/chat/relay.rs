@@ -1,35 +1,38 @@
 //! One answer's life: read Dify's stream to the end whatever the subscriber does, relay each
-//! event, flush the partial answer at a bounded rate, write the result once.
+//! event, hand the partial answer to the writer, write the result once and only then send the
+//! terminal event.
 //!
-//! The relay runs in its own task and talks to the subscriber through an unbounded channel, so
-//! a subscriber that disconnects or stops reading never stalls or cancels it.
+//! The rules live in [`Answer`] (pure, tested against the captures); this module is the loop
+//! around it. The loop never awaits the database: partial content and Dify's ids go to the
+//! process's [`Writer`](super::writer::Writer), so a slow or frozen MySQL delays what readers of
+//! the table see, never a delta. The relay runs in its own task and talks to the subscriber
+//! through a channel, so a subscriber that disconnects or stops reading never stalls it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_graphql::Json;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 
+use super::answer::{Answer, Outcome};
 use super::events::*;
 use super::{StreamHandle, dify_user};
 use crate::app::{App, Dify};
 use crate::chat::db::{self as chat_db, FinalAnswer};
 use crate::conversations::db::{ConversationRecord, MessageRecord};
-use crate::conversations::domain::{MessageId, MessageStatus};
-use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Message, MessageFile};
+use crate::conversations::domain::{MessageId, MessageRole, MessageStatus};
+use crate::conversations::graphql::{ChatError, Conversation, Message};
+use crate::db::STATEMENT_TIMEOUT;
+use crate::dify::DifyError;
 use crate::dify::client::ChatRequest;
-use crate::dify::events::{Event, StreamEvent};
-use crate::dify::{AppMode, DifyError};
+use crate::dify::events::StreamEvent;
+use crate::metrics::Metrics;
 
 /// How long to keep reading after a terminal event, for a late `message_end` (chatflow).
 const TRAILING_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for Dify to end a stopped stream before ending it here.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// A live stream writes at least this often, even while Dify is silent (a slow tool).
-pub const HEARTBEAT: Duration = Duration::from_secs(20);
 
 /// What the turn is about, prepared before anything is sent.
 pub struct Turn {
@@ -39,41 +42,87 @@ pub struct Turn {
     pub request: ChatRequest,
 }
 
-enum Outcome {
-    Completed,
-    Stopped,
-    Failed(ChatError),
+/// Sends events to the subscriber, stamping `messageId` and `seq`: the one place that numbers
+/// events. A subscriber that left is ignored; the answer goes on.
+pub struct Emitter {
+    tx: UnboundedSender<ChatEvent>,
+    message_id: async_graphql::ID,
+    seq: i32,
+    metrics: Arc<Metrics>,
 }
 
-fn failed(error: &DifyError) -> Outcome {
-    Outcome::Failed(ChatError {
-        code: error.code().to_owned(),
-        message: error.message(),
-        status: error.status().map(i32::from),
-    })
+impl Emitter {
+    pub fn new(tx: UnboundedSender<ChatEvent>, id: MessageId, metrics: Arc<Metrics>) -> Self {
+        Self {
+            tx,
+            message_id: id.into(),
+            seq: 0,
+            metrics,
+        }
+    }
+
+    pub fn send(&mut self, mut event: ChatEvent) {
+        self.seq += 1;
+        event.stamp(&self.message_id, self.seq);
+        if matches!(event, ChatEvent::AnswerDelta(_)) {
+            self.metrics.deltas_relayed.inc();
+        }
+        self.metrics.events_relayed.inc();
+        let _ = self.tx.send(event);
+    }
+}
+
+/// Where the stream is: reading; reading on briefly after a terminal event (a chatflow's late
+/// `message_end`); or stopped, waiting a little for Dify to end the stream.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Streaming,
+    Draining { until: Instant },
+    Stopping { until: Instant },
+}
+
+impl Phase {
+    fn until(self) -> Option<Instant> {
+        match self {
+            Self::Streaming => None,
+            Self::Draining { until } | Self::Stopping { until } => Some(until),
+        }
+    }
+
+    fn earliest(self, deadline: Instant) -> Instant {
+        self.until().map_or(deadline, |until| until.min(deadline))
+    }
+
+    /// A terminal event arrived.
+    fn drain(self) -> Self {
+        let until = self.earliest(Instant::now() + TRAILING_GRACE);
+        match self {
+            Self::Stopping { .. } => Self::Stopping { until },
+            _ => Self::Draining { until },
+        }
+    }
+
+    /// A stop was requested.
+    fn stop(self) -> Self {
+        Self::Stopping {
+            until: self.earliest(Instant::now() + STOP_GRACE),
+        }
+    }
+
+    fn is_stopping(self) -> bool {
+        matches!(self, Self::Stopping { .. })
+    }
 }
 
 struct Relay {
     app: App,
     dify: Dify,
-    tx: UnboundedSender<ChatEvent>,
     message_id: MessageId,
-    id: async_graphql::ID,
-    seq: i32,
     conversation: ConversationRecord,
-    content: String,
-    /// The content changed since it was last written.
+    answer: Answer,
+    phase: Phase,
+    /// The content changed since it was last handed to the writer.
     dirty: bool,
-    last_write: Instant,
-    thoughts: Vec<AgentThought>,
-    files: Vec<MessageFile>,
-    usage: Option<Value>,
-    retriever_resources: Option<Value>,
-    workflow_outputs: Option<Value>,
-    workflow_tokens: Option<i64>,
-    task_id: Option<String>,
-    ids_recorded: bool,
-    stopping: bool,
     stop_sent: bool,
 }
 
@@ -90,107 +139,117 @@ pub async fn run(
         answer,
         request,
     } = turn;
+    let mut emitter = Emitter::new(tx, answer.id, app.metrics.clone());
+    emitter.send(ChatEvent::ChatStarted(Box::new(ChatStarted {
+        message_id: answer.id.into(),
+        seq: 0,
+        conversation: Conversation::from(&conversation),
+        user_message: question.into(),
+        assistant_message: answer.clone().into(),
+    })));
     let mut relay = Relay {
+        answer: Answer::new(dify.mode),
         app,
         dify,
-        tx,
         message_id: answer.id,
-        id: answer.id.into(),
-        seq: 0,
         conversation,
-        content: String::new(),
+        phase: Phase::Streaming,
         dirty: false,
-        last_write: Instant::now(),
-        thoughts: Vec::new(),
-        files: Vec::new(),
-        usage: None,
-        retriever_resources: None,
-        workflow_outputs: None,
-        workflow_tokens: None,
-        task_id: None,
-        ids_recorded: false,
-        stopping: false,
         stop_sent: false,
     };
-    let seq = relay.next_seq();
-    relay.emit(ChatEvent::ChatStarted(Box::new(ChatStarted {
-        message_id: relay.id.clone(),
-        seq,
-        conversation: Conversation::from(&relay.conversation),
-        user_message: question.into(),
-        assistant_message: answer.into(),
-    })));
-    let outcome = relay.consume(request, &handle).await;
-    relay.finish(outcome).await;
+    let outcome = relay.stream(request, &handle, &mut emitter).await;
+    let terminal = relay.finish(outcome).await;
+    emitter.send(terminal);
 }
 
 impl Relay {
-    fn next_seq(&mut self) -> i32 {
-        self.seq += 1;
-        self.seq
-    }
-
-    /// Sends to the subscriber if it is still there; the answer goes on either way.
-    fn emit(&self, event: ChatEvent) {
-        let _ = self.tx.send(event);
-    }
-
-    async fn consume(&mut self, request: ChatRequest, handle: &StreamHandle) -> Outcome {
+    async fn stream(
+        &mut self,
+        request: ChatRequest,
+        handle: &StreamHandle,
+        emitter: &mut Emitter,
+    ) -> Outcome {
+        let called = Instant::now();
         let stream = match self.open(request).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::warn!(%error, "Dify refused the chat request");
-                return failed(&error);
+                return Outcome::from_dify(&error);
             }
         };
         futures::pin_mut!(stream);
-        let mut flush = tokio::time::interval(self.app.config.flush_interval);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hand_off = tokio::time::interval(self.app.config.flush_interval);
+        hand_off.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let deadline = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(deadline);
         let mut outcome: Option<Outcome> = None;
-        let mut deadline: Option<Instant> = None;
+        let mut first_event = true;
         loop {
             tokio::select! {
-                () = handle.stop.notified(), if !self.stopping => {
-                    self.stopping = true;
+                () = handle.stop.notified(), if !self.phase.is_stopping() => {
+                    self.phase = self.phase.stop();
+                    deadline.as_mut().reset(self.phase.until().unwrap_or_else(Instant::now));
                     self.send_stop();
-                    let stop_by = Instant::now() + STOP_GRACE;
-                    deadline = Some(deadline.map_or(stop_by, |d| d.min(stop_by)));
                 }
-                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break,
-                _ = flush.tick() => self.flush().await,
-                item = stream.next() => match item {
-                    None => break,
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "the Dify stream broke");
-                        outcome.get_or_insert(failed(&error));
-                        break;
+                () = &mut deadline, if self.phase.until().is_some() => break,
+                _ = hand_off.tick() => self.hand_off(),
+                item = stream.next() => {
+                    let read = Instant::now();
+                    if std::mem::take(&mut first_event) {
+                        self.app.metrics.dify_first_event_seconds.observe((read - called).as_secs_f64());
                     }
-                    Some(Ok(event)) => {
-                        if let Some(terminal) = self.handle(event).await {
-                            // An `error` event carries Dify's code; it beats an earlier failed workflow.
-                            let replace = match (&outcome, &terminal) {
-                                (None, _) => true,
-                                (Some(Outcome::Failed(e)), Outcome::Failed(_)) => e.code == "workflow_failed",
-                                _ => false,
-                            };
-                            if replace {
-                                outcome = Some(terminal);
-                            }
-                            deadline.get_or_insert(Instant::now() + TRAILING_GRACE);
+                    let event = match item {
+                        None => break,
+                        Some(Ok(event)) => event,
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "the Dify stream broke");
+                            outcome = Some(merge(outcome, Outcome::from_dify(&error)));
+                            break;
                         }
+                    };
+                    if let Some(terminal) = self.apply(event, emitter) {
+                        outcome = Some(merge(outcome, terminal));
+                        self.phase = self.phase.drain();
+                        deadline.as_mut().reset(self.phase.until().unwrap_or_else(Instant::now));
                     }
-                },
+                    self.app.metrics.relay_seconds.observe(read.elapsed().as_secs_f64());
+                }
             }
         }
-        match outcome {
-            Some(Outcome::Failed(error)) => Outcome::Failed(error),
-            _ if self.stopping => Outcome::Stopped,
-            Some(outcome) => outcome,
-            None => Outcome::Failed(ChatError {
-                code: "stream_interrupted".into(),
-                message: "Dify ended the stream before the answer was complete".into(),
-                status: None,
-            }),
+        Outcome::resolve(outcome, self.phase.is_stopping())
+    }
+
+    /// Applies one Dify event: relays what it gives, hands Dify's ids to the writer when they
+    /// first appear. Returns the outcome when the event ends the answer.
+    fn apply(&mut self, event: StreamEvent, emitter: &mut Emitter) -> Option<Outcome> {
+        let step = self.answer.apply(event);
+        if step.ids_found {
+            let conversation = self
+                .dify
+                .mode
+                .has_conversations()
+                .then_some(self.conversation.id);
+            self.app
+                .writer
+                .ids(self.message_id, &self.answer.ids, conversation);
+            self.send_stop();
+        }
+        if let Some(event) = step.relay {
+            self.dirty |= matches!(
+                event,
+                ChatEvent::AnswerDelta(_) | ChatEvent::AnswerReplaced(_)
+            );
+            emitter.send(event);
+        }
+        step.terminal
+    }
+
+    /// Gives the writer the content so far, when it changed.
+    fn hand_off(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            self.app
+                .writer
+                .partial(self.message_id, self.answer.content.clone());
         }
     }
 
@@ -213,19 +272,15 @@ impl Relay {
                     dify.conversation_id = request.conversation_id,
                     "Dify no longer knows this conversation; continuing in a new one"
                 );
-                let mut conn = self
-                    .app
+                let conversation = self.conversation.id;
+                self.app
                     .db
-                    .get()
+                    .run(STATEMENT_TIMEOUT, async |conn| {
+                        crate::conversations::db::clear_dify_conversation_id(conn, conversation)
+                            .await
+                    })
                     .await
                     .map_err(|_| DifyError::Unavailable("database unavailable".into()))?;
-                crate::conversations::db::clear_dify_conversation_id(
-                    &mut conn,
-                    self.conversation.id,
-                )
-                .await
-                .map_err(|_| DifyError::Unavailable("database unavailable".into()))?;
-                drop(conn);
                 request.conversation_id = None;
                 self.dify.client.stream(self.dify.mode, request).await
             }
@@ -233,13 +288,12 @@ impl Relay {
         }
     }
 
-    /// Asks Dify to stop, once, as soon as the task id is known.
+    /// Asks Dify to stop, once, as soon as both a stop was requested and the task id is known.
     fn send_stop(&mut self) {
-        let Some(task_id) = self
-            .task_id
-            .clone()
-            .filter(|_| self.stopping && !self.stop_sent)
-        else {
+        if self.stop_sent || !self.phase.is_stopping() {
+            return;
+        }
+        let Some(task_id) = self.answer.ids.task_id.clone() else {
             return;
         };
         self.stop_sent = true;
@@ -255,352 +309,129 @@ impl Relay {
         });
     }
 
-    async fn record_ids(&mut self, event: &StreamEvent) {
-        if self.ids_recorded {
-            return;
-        }
-        let ids = &event.ids;
-        if ids.task_id.is_none() && ids.message_id.is_none() && ids.workflow_run_id.is_none() {
-            return;
-        }
-        self.ids_recorded = true;
-        self.task_id.clone_from(&ids.task_id);
-        self.send_stop();
-        let result = async {
-            let mut conn = self.app.db.get().await?;
-            if let Some(dify_conversation) = ids
-                .conversation_id
-                .as_deref()
-                .filter(|_| self.dify.mode.has_conversations())
-            {
-                crate::conversations::db::set_dify_conversation_id(
-                    &mut conn,
-                    self.conversation.id,
-                    dify_conversation,
+    /// Writes the answer and returns the terminal event describing what was stored.
+    async fn finish(mut self, outcome: Outcome) -> ChatEvent {
+        self.answer.settle();
+        self.app.writer.forget(self.message_id);
+        let dify_conversation = self
+            .answer
+            .ids
+            .conversation_id
+            .as_deref()
+            .filter(|_| self.dify.mode.has_conversations());
+        let ids = &self.answer.ids;
+        let final_answer = FinalAnswer {
+            content: &self.answer.content,
+            status: outcome.status(),
+            error: outcome.error().and_then(|e| serde_json::to_string(e).ok()),
+            usage: self.answer.usage.as_ref().map(|v| v.to_string()),
+            retriever_resources: self
+                .answer
+                .retriever_resources
+                .as_ref()
+                .map(|v| v.to_string()),
+            agent_thoughts: json_list(&self.answer.thoughts),
+            files: json_list(&self.answer.files),
+            dify_message_id: ids.message_id.as_deref(),
+            dify_task_id: ids.task_id.as_deref(),
+            dify_workflow_run_id: ids.workflow_run_id.as_deref(),
+            dify_conversation_id: dify_conversation,
+        };
+        let stored = self.write_final(&final_answer).await;
+        let message = match stored {
+            Stored::Written(message) => *message,
+            Stored::Deleted => {
+                tracing::info!(message.id = %self.message_id, "the conversation was deleted while answering");
+                self.describe(
+                    &final_answer,
+                    final_answer.status,
+                    final_answer.error.clone(),
                 )
-                .await?;
             }
-            chat_db::record_dify_ids(
-                &mut conn,
-                self.message_id,
-                ids.message_id.as_deref(),
-                ids.task_id.as_deref(),
-                ids.workflow_run_id.as_deref(),
-            )
-            .await?;
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
-        if let Err(error) = result {
-            tracing::error!(error = format!("{error:#}"), "storing Dify's ids failed");
-        }
-        self.last_write = Instant::now();
-    }
-
-    /// Relays one event; returns the outcome when the event ends the answer.
-    async fn handle(&mut self, event: StreamEvent) -> Option<Outcome> {
-        self.record_ids(&event).await;
-        let id = self.id.clone();
-        let StreamEvent {
-            name,
-            event,
-            ids,
-            raw,
-        } = event;
-        // Dify's "New Agent" ends with one `message` repeating the whole answer: not a delta.
-        let event = match event {
-            Event::AnswerDelta(full) if self.dify.mode == AppMode::Agent && name == "message" => {
-                Event::AnswerReplaced(full)
-            }
-            event => event,
-        };
-        let relayed = match event {
-            Event::AnswerDelta(delta) if delta.is_empty() => return None,
-            Event::AnswerDelta(delta) => {
-                self.content.push_str(&delta);
-                self.dirty = true;
-                ChatEvent::AnswerDelta(AnswerDelta {
-                    message_id: id,
-                    seq: self.next_seq(),
-                    delta,
-                })
-            }
-            Event::AnswerReplaced(answer) => {
-                self.content.clone_from(&answer);
-                self.dirty = true;
-                ChatEvent::AnswerReplaced(AnswerReplaced {
-                    message_id: id,
-                    seq: self.next_seq(),
-                    answer,
-                })
-            }
-            Event::AgentThought(t) => {
-                let thought = AgentThought {
-                    id: t.id.into(),
-                    position: t.position,
-                    thought: t.thought,
-                    tool: t.tool,
-                    tool_input: t.tool_input,
-                    observation: t.observation,
-                    files: t.files,
+            Stored::NotSaved => {
+                let error = ChatError {
+                    code: "not_saved".into(),
+                    message: "the answer could not be saved: the database is unavailable".into(),
+                    status: None,
                 };
-                match self
-                    .thoughts
-                    .iter_mut()
-                    .find(|known| known.id == thought.id)
-                {
-                    Some(known) => *known = thought.clone(),
-                    None => self.thoughts.push(thought.clone()),
-                }
-                ChatEvent::AgentThoughtUpdated(AgentThoughtUpdated {
-                    message_id: id,
-                    seq: self.next_seq(),
-                    thought,
-                })
+                let json = serde_json::to_string(&error).ok();
+                self.describe(&final_answer, MessageStatus::Failed, json)
             }
-            Event::MessageFile(f) => {
-                let file = MessageFile {
-                    id: f.id.into(),
-                    kind: f.kind,
-                    url: f.url,
-                    belongs_to: f.belongs_to,
-                };
-                self.files.push(file.clone());
-                ChatEvent::MessageFileAdded(MessageFileAdded {
-                    message_id: id,
-                    seq: self.next_seq(),
-                    file,
-                })
-            }
-            Event::MessageEnd {
-                usage,
-                retriever_resources,
-                files,
-            } => {
-                self.usage = usage.or(self.usage.take());
-                self.retriever_resources = retriever_resources;
-                self.add_end_files(files);
-                let seq = self.next_seq();
-                self.emit(ChatEvent::DifyEvent(DifyEvent {
-                    message_id: id,
-                    seq,
-                    event: name,
-                    data: Json(raw),
-                }));
-                return Some(Outcome::Completed);
-            }
-            Event::Workflow { event, data } => {
-                let terminal = (event == "workflow_paused").then_some(Outcome::Completed);
-                let progress = self.progress(event, ids.workflow_run_id, data);
-                self.emit(progress);
-                return terminal;
-            }
-            Event::WorkflowFinished {
-                status,
-                error,
-                outputs,
-                total_tokens,
-                data,
-            } => {
-                self.workflow_outputs = outputs;
-                self.workflow_tokens = total_tokens;
-                let progress = self.progress(name, ids.workflow_run_id, data);
-                self.emit(progress);
-                return Some(match status.as_str() {
-                    "failed" => Outcome::Failed(ChatError {
-                        code: "workflow_failed".into(),
-                        message: error.unwrap_or_else(|| "the workflow failed".into()),
-                        status: None,
-                    }),
-                    "stopped" => Outcome::Stopped,
-                    _ => Outcome::Completed,
-                });
-            }
-            Event::Error {
-                code,
-                status,
-                message,
-            } => {
-                return Some(Outcome::Failed(ChatError {
-                    code,
-                    message,
-                    status: status.map(i32::from),
-                }));
-            }
-            Event::Other { event } => ChatEvent::DifyEvent(DifyEvent {
-                message_id: id,
-                seq: self.next_seq(),
-                event,
-                data: Json(raw),
-            }),
         };
-        self.emit(relayed);
-        None
-    }
-
-    fn progress(
-        &mut self,
-        event: String,
-        workflow_run_id: Option<String>,
-        data: Value,
-    ) -> ChatEvent {
-        let field = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
-        let workflow_run_id = workflow_run_id.or_else(|| field("workflow_run_id"));
-        ChatEvent::WorkflowProgress(WorkflowProgress {
-            message_id: self.id.clone(),
-            seq: self.next_seq(),
-            event,
-            workflow_run_id,
-            node_id: field("node_id"),
-            node_type: field("node_type"),
-            title: field("title"),
-            status: field("status"),
-            elapsed_time: data.get("elapsed_time").and_then(Value::as_f64),
-            data: Json(data),
-        })
-    }
-
-    /// `message_end.files`: Dify's file objects, added unless a `message_file` already named them.
-    fn add_end_files(&mut self, files: Option<Value>) {
-        let Some(Value::Array(files)) = files else {
-            return;
+        let status = message.status;
+        let label = match (&message.error, status) {
+            (Some(error), MessageStatus::Failed) => error.code.clone(),
+            _ => outcome.label().to_owned(),
         };
-        for file in files {
-            let text = |key: &str| {
-                file.get(key)
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-            };
-            let Some(id) = text("related_id")
-                .or_else(|| text("upload_file_id"))
-                .or_else(|| text("id"))
-            else {
-                continue;
-            };
-            if self.files.iter().any(|known| known.id.as_str() == id) {
-                continue;
-            }
-            self.files.push(MessageFile {
-                id: id.into(),
-                kind: text("type").unwrap_or_else(|| "file".into()),
-                url: text("url").or_else(|| text("remote_url")),
-                belongs_to: text("belongs_to").or_else(|| Some("assistant".into())),
-            });
-        }
-    }
-
-    /// Writes the partial answer if it changed, or a heartbeat if nothing was written lately.
-    async fn flush(&mut self) {
-        if !self.dirty && self.last_write.elapsed() < HEARTBEAT {
-            return;
-        }
-        let result = async {
-            let mut conn = self.app.db.get().await?;
-            chat_db::flush(&mut conn, self.message_id, &self.content).await?;
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                self.dirty = false;
-                self.last_write = Instant::now();
-            }
-            // The final write retries; a lost flush only delays what a reader sees.
-            Err(error) => tracing::warn!(
-                error = format!("{error:#}"),
-                "flushing the partial answer failed"
-            ),
-        }
-    }
-
-    async fn finish(mut self, outcome: Outcome) {
-        if self.dify.mode == AppMode::Workflow
-            && self.content.is_empty()
-            && let Some(outputs) = &self.workflow_outputs
-        {
-            self.content = outputs_text(outputs);
-        }
-        if self.usage.is_none() {
-            self.usage = self
-                .workflow_tokens
-                .map(|total| serde_json::json!({ "total_tokens": total }));
-        }
-        let (status, error) = match &outcome {
-            Outcome::Completed => (MessageStatus::Completed, None),
-            Outcome::Stopped => (MessageStatus::Stopped, None),
-            Outcome::Failed(error) => (MessageStatus::Failed, Some(error.clone())),
-        };
-        let json = |v: &Value| Some(v.to_string());
-        let answer = FinalAnswer {
-            content: &self.content,
-            status,
-            error: error.as_ref().and_then(|e| serde_json::to_string(e).ok()),
-            usage: self.usage.as_ref().and_then(json),
-            retriever_resources: self.retriever_resources.as_ref().and_then(json),
-            agent_thoughts: json_list(&self.thoughts),
-            files: json_list(&self.files),
-        };
-        let stored = self.write_final(answer).await;
-        tracing::info!(message.id = %self.message_id, status = ?stored.status, chars = self.content.chars().count(), "answer finished");
-        let seq = self.next_seq();
-        let message_id = self.id.clone();
-        self.emit(match (stored.status, stored.error.clone()) {
+        self.app.metrics.outcome(&label);
+        tracing::info!(message.id = %self.message_id, ?status, outcome = label, chars = self.answer.content.chars().count(), "answer finished");
+        match (status, message.error.clone()) {
             (MessageStatus::Failed, Some(error)) => ChatEvent::ChatFailed(ChatFailed {
-                message_id,
-                seq,
-                message: stored,
+                message_id: self.message_id.into(),
+                seq: 0,
+                message,
                 error,
             }),
             _ => ChatEvent::ChatCompleted(ChatCompleted {
-                message_id,
-                seq,
-                message: stored,
+                message_id: self.message_id.into(),
+                seq: 0,
+                message,
             }),
-        });
+        }
     }
 
-    /// The final write, retried a few times: it is the one that must not be lost.
-    async fn write_final(&self, answer: FinalAnswer<'_>) -> Message {
-        for attempt in 1..=5u32 {
-            let result = async {
-                let mut conn = self.app.db.get().await?;
-                Ok::<_, anyhow::Error>(
-                    chat_db::finish(
-                        &mut conn,
-                        self.message_id,
-                        self.conversation.id,
-                        answer.clone(),
-                    )
-                    .await?,
-                )
-            }
-            .await;
+    /// The final write, retried while the database is away, for as long as the sweeper would
+    /// leave the answer alone: it is the one write that must not be lost.
+    async fn write_final(&self, answer: &FinalAnswer<'_>) -> Stored {
+        let give_up = Instant::now() + self.app.config.stale_stream_after;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = self
+                .app
+                .writer_db
+                .run(STATEMENT_TIMEOUT, async |conn| {
+                    chat_db::finish(conn, self.message_id, self.conversation.id, answer.clone())
+                        .await
+                })
+                .await;
             match result {
-                Ok(Some(record)) => return record.into(),
-                Ok(None) => {
-                    tracing::info!(message.id = %self.message_id, "the conversation was deleted while answering");
-                    break;
+                Ok(Some(record)) => return Stored::Written(Box::new(record.into())),
+                Ok(None) => return Stored::Deleted,
+                Err(error) if Instant::now() + pause < give_up => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = pause.as_millis() as u64,
+                        "saving the answer failed; retrying"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
                 Err(error) => {
                     tracing::error!(
-                        attempt,
                         error = format!("{error:#}"),
-                        "saving the answer failed"
+                        "saving the answer failed; giving up"
                     );
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    return Stored::NotSaved;
                 }
             }
         }
-        // Not stored (deleted, or MySQL is down): describe the answer as it is.
+    }
+
+    /// The answer as it is, for when it could not be stored.
+    fn describe(
+        &self,
+        answer: &FinalAnswer<'_>,
+        status: MessageStatus,
+        error: Option<String>,
+    ) -> Message {
         let mut record = MessageRecord::new(
             self.conversation.id,
-            crate::conversations::domain::MessageRole::Assistant,
+            MessageRole::Assistant,
             answer.content.to_owned(),
-            answer.status,
+            status,
         );
         record.id = self.message_id;
-        record.error = answer.error.clone();
+        record.error = error;
         record.usage = answer.usage.clone();
         record.retriever_resources = answer.retriever_resources.clone();
         record.agent_thoughts = answer.agent_thoughts.clone();
@@ -609,20 +440,22 @@ impl Relay {
     }
 }
 
+enum Stored {
+    Written(Box<Message>),
+    /// The conversation was deleted while the answer streamed.
+    Deleted,
+    /// The database stayed away.
+    NotSaved,
+}
+
+fn merge(earlier: Option<Outcome>, later: Outcome) -> Outcome {
+    match earlier {
+        Some(earlier) => earlier.merge(later),
+        None => later,
+    }
+}
+
 /// A list as stored JSON; none when empty.
 fn json_list<T: serde::Serialize>(items: &[T]) -> Option<String> {
     (!items.is_empty()).then(|| serde_json::to_string(items).unwrap_or_default())
-}
-
-/// A workflow's answer when it streamed no text: its single text output, or all outputs as JSON.
-fn outputs_text(outputs: &Value) -> String {
-    match outputs {
-        Value::Object(map) if map.len() == 1 => match map.values().next() {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => String::new(),
-        },
-        Value::Object(map) if map.is_empty() => String::new(),
-        other => serde_json::to_string_pretty(other).unwrap_or_default(),
-    }
 }

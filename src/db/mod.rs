@@ -4,12 +4,17 @@ pub mod schema;
 pub mod types;
 
 use anyhow::Context as _;
+use diesel::QueryResult;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
+use prometheus_client::metrics::histogram::Histogram;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 
@@ -24,8 +29,56 @@ const SESSION_SETUP: &str = "SET time_zone = '+00:00', \
      sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ZERO_IN_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', \
      NAMES utf8mb4 COLLATE utf8mb4_unicode_ci";
 
+/// The longest any background statement (or transaction) may take before its connection is
+/// dropped and the work counts as failed; a frozen server must not hold a writer forever.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pool that records how long callers wait for a connection.
+#[derive(Clone)]
+pub struct Db {
+    pool: DbPool,
+    wait: Histogram,
+}
+
+impl Db {
+    pub fn new(pool: DbPool, wait: Histogram) -> Self {
+        Self { pool, wait }
+    }
+
+    pub async fn get(&self) -> Result<DbConn, PoolError> {
+        let started = Instant::now();
+        let conn = self.pool.get().await;
+        self.wait.observe(started.elapsed().as_secs_f64());
+        conn
+    }
+
+    /// Runs `work` on a pooled connection, giving up after `limit`. A connection whose work timed
+    /// out is closed rather than returned to the pool: its protocol state is unknown.
+    pub async fn run<T>(
+        &self,
+        limit: Duration,
+        work: impl AsyncFnOnce(&mut AsyncMysqlConnection) -> QueryResult<T>,
+    ) -> anyhow::Result<T> {
+        let started = Instant::now();
+        let mut conn = tokio::time::timeout(limit, self.get())
+            .await
+            .map_err(|_| anyhow::anyhow!("no MySQL connection within {limit:?}"))??;
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, work(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => {
+                drop(Object::take(conn));
+                anyhow::bail!("MySQL did not answer within {limit:?}")
+            }
+        }
+    }
+}
+
 pub fn pool(database_url: &str, size: usize) -> anyhow::Result<DbPool> {
     let mut manager_config = ManagerConfig::default();
+    // A broken connection shows as an error on its next statement; checking every checkout with
+    // a `SELECT 1` would add a round trip to every request.
+    manager_config.recycling_method = RecyclingMethod::Fast;
     manager_config.custom_setup = Box::new(|url| {
         let url = url.to_owned();
         async move {

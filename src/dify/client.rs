@@ -75,6 +75,9 @@ pub fn http_client(connect: Duration, read: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(connect)
         .read_timeout(read)
+        // After a burst of thousands of streams, keep a few warm connections, not thousands.
+        .pool_max_idle_per_host(32)
+        .pool_idle_timeout(Duration::from_secs(30))
         .user_agent(concat!("rechat/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("a TLS backend is compiled in")

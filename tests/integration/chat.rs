@@ -435,6 +435,8 @@ async fn dify_failures_end_in_chat_failed_with_the_partial_answer_kept() {
     // Dify unreachable altogether.
     app.sql("UPDATE settings SET dify_api_url = 'http://127.0.0.1:9/v1'")
         .await;
+    // Changed behind the gateway's back: as another gateway would, after the cache's TTL.
+    app.app.dify_cache.invalidate();
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
     assert_eq!(
         events.last().unwrap()["error"]["code"],
