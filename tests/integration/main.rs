@@ -7,6 +7,7 @@ mod accounts;
 mod chat;
 mod conversations;
 mod http_surface;
+mod persistence;
 mod schema;
 mod startup;
 mod websocket;

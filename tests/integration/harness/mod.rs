@@ -3,6 +3,7 @@
 
 pub mod db;
 pub mod fake_dify;
+pub mod proxy;
 pub mod ws;
 
 use std::net::SocketAddr;

@@ -1,0 +1,189 @@
+//! Write-behind persistence: the writer batches every live answer into a few statements, a
+//! frozen database delays no delta, and the answer is stored whole once the database is back.
+
+use std::time::Duration;
+
+use rechat::chat::db::begin_turn;
+use rechat::conversations::domain::MessageId;
+use rechat::dify::events::Ids;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::chat::CHAT;
+use crate::harness::fake_dify::Script;
+use crate::harness::proxy::FreezableProxy;
+use crate::harness::ws::{OpMessage, TRANSPORT_WS};
+use crate::harness::{TestApp, db::server_url};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_writer_batches_every_live_answer_into_a_few_statements() {
+    // No background tick: this test drives the writer by hand.
+    let app = TestApp::spawn_with(|c| c.flush_interval = Duration::from_secs(3600)).await;
+    let user = app.register("writer@example.com").await;
+    let (user_id, version) = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
+    let mut answers = Vec::new();
+    let mut conn = app.app.db.get().await.unwrap();
+    for i in 0..600 {
+        let (conversation, _, answer) =
+            begin_turn(&mut conn, user_id, version, None, &format!("question {i}"))
+                .await
+                .unwrap();
+        answers.push((conversation.id, answer.id));
+    }
+    drop(conn);
+
+    let writer = &app.app.writer;
+    let statements = || app.app.metrics.writer_statements.get();
+    let before = statements();
+    for (i, (conversation, answer)) in answers.iter().enumerate() {
+        writer.partial(*answer, format!("old {i}"));
+        writer.partial(*answer, format!("partial {i}")); // the newer content replaces the older
+        let ids = Ids {
+            conversation_id: Some(format!("dify-conversation-{i}")),
+            message_id: Some(format!("dify-message-{i}")),
+            task_id: Some(format!("dify-task-{i}")),
+            workflow_run_id: None,
+        };
+        writer.ids(*answer, &ids, Some(*conversation));
+    }
+    writer.flush().await.unwrap();
+    // 600 rows per table in chunks of 500: two statements for each of the three kinds of row.
+    assert_eq!(statements() - before, 6);
+    assert_eq!(
+        first(&app, "SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE content LIKE 'partial %' AND dify_task_id LIKE 'dify-task-%'").await,
+        "600"
+    );
+    assert_eq!(
+        first(&app, "SELECT CAST(COUNT(*) AS CHAR) AS value FROM conversations WHERE dify_conversation_id LIKE 'dify-conversation-%'").await,
+        "600"
+    );
+    // Nothing pending: the next flush writes nothing.
+    writer.flush().await.unwrap();
+    assert_eq!(statements() - before, 6);
+
+    // Heartbeats: one statement per 500 live answers.
+    let live: Vec<MessageId> = answers.iter().map(|(_, a)| *a).collect();
+    app.sql("UPDATE messages SET updated_at = '2020-01-01 00:00:00'")
+        .await;
+    writer.heartbeat(&live).await.unwrap();
+    assert_eq!(statements() - before, 8);
+    assert_eq!(
+        first(&app, "SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE status = 'STREAMING' AND updated_at > '2020-01-02'").await,
+        "600"
+    );
+
+    // A late partial never overwrites an answer that has ended.
+    let (_, ended) = answers[0];
+    app.sql(&format!(
+        "UPDATE messages SET status = 'COMPLETED', content = 'final' WHERE id = UNHEX('{}')",
+        ended.0.simple()
+    ))
+    .await;
+    writer.partial(ended, "late".into());
+    writer.flush().await.unwrap();
+    assert_eq!(
+        first(
+            &app,
+            "SELECT content AS value FROM messages WHERE content IN ('final', 'late')"
+        )
+        .await,
+        "final"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_database_delays_no_delta_and_loses_no_answer() {
+    let upstream = url::Url::parse(&server_url()).unwrap();
+    let proxy = FreezableProxy::start(format!(
+        "{}:{}",
+        upstream.host_str().unwrap(),
+        upstream.port().unwrap_or(3306)
+    ))
+    .await;
+    let app = TestApp::spawn_with(|c| {
+        let _ = c.database_url.set_ip_host(proxy.addr.ip());
+        let _ = c.database_url.set_port(Some(proxy.addr.port()));
+        // mysql_async would otherwise switch to MariaDB's Unix socket, around the proxy.
+        c.database_url.set_query(Some("prefer_socket=false"));
+    })
+    .await;
+    let (admin, user) = app.admin_and_user().await;
+    app.configure_dify(&admin, "chat").await;
+    app.dify.push(Script::Long {
+        deltas: 60,
+        pause: Duration::from_millis(50),
+    });
+    let mut ws = user.ws(TRANSPORT_WS).await;
+    ws.subscribe(CHAT, json!({ "input": { "query": "a long answer" } }))
+        .await;
+    let mut deltas = 0;
+    let mut longest_gap_frozen = Duration::ZERO;
+    let mut last = Instant::now();
+    let message = loop {
+        let next = tokio::time::timeout(Duration::from_millis(1500), ws.next_op()).await;
+        let Ok(OpMessage::Next(payload)) = next else {
+            // Silence: Dify is done and the final write waits for the database.
+            assert_eq!(
+                deltas, 60,
+                "only the terminal event may wait for the database"
+            );
+            proxy.thaw();
+            let OpMessage::Next(payload) = ws.next_op().await else {
+                panic!("no terminal event after the thaw")
+            };
+            break payload["data"]["chat"].clone();
+        };
+        let event = payload["data"]["chat"].clone();
+        match event["__typename"].as_str().unwrap() {
+            "AnswerDelta" => {
+                deltas += 1;
+                if deltas > 10 {
+                    longest_gap_frozen = longest_gap_frozen.max(last.elapsed());
+                }
+                if deltas == 10 {
+                    proxy.freeze();
+                }
+                last = Instant::now();
+            }
+            "ChatCompleted" | "ChatFailed" => panic!("terminal event while frozen: {event}"),
+            _ => {}
+        }
+    };
+    // Dify paces deltas 50 ms apart; a relay that waited on the database would show seconds.
+    assert!(
+        longest_gap_frozen < Duration::from_millis(1000),
+        "a delta waited {longest_gap_frozen:?} while the database was frozen"
+    );
+    assert_eq!(message["__typename"], "ChatCompleted", "{message}");
+    assert_eq!(message["message"]["status"], "COMPLETED");
+    let content = message["message"]["content"].as_str().unwrap();
+    assert_eq!(content.split_whitespace().count(), 60);
+    let stored = app
+        .sql_strings("SELECT content AS value FROM messages WHERE role = 'ASSISTANT'")
+        .await;
+    assert_eq!(stored, [content]);
+
+    // What happened shows on /metrics.
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "rechat_deltas_relayed_total 60",
+        "rechat_answers_total{outcome=\"completed\"} 1",
+        "rechat_active_streams 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("rechat_relay_seconds_bucket"));
+    assert!(metrics.contains("rechat_writer_lag_seconds_count"));
+}
+
+async fn first(app: &TestApp, sql: &str) -> String {
+    app.sql_strings(sql).await.remove(0)
+}
