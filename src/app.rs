@@ -72,6 +72,8 @@ impl App {
             db::pool(config.database_url.as_str(), config.writer_pool_size)?,
             metrics.pool_wait_seconds.clone(),
         );
+        pool.warm_up().await.context("connecting to MySQL")?;
+        writer_db.warm_up().await.context("connecting to MySQL")?;
         let writer = Writer::new(writer_db.clone(), metrics.clone());
         let streams = crate::chat::Streams::default();
         let writer_task = writer.clone().spawn(config.flush_interval, {

@@ -1,7 +1,9 @@
 //! Chat persistence: the turn written before Dify is called, the final write, and the sweep of
 //! answers whose gateway went away. Partial answers are written behind by `writer`.
 
+use diesel::dsl::{case_when, sql};
 use diesel::prelude::*;
+use diesel::sql_types::{Bool, Nullable, Varchar};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::conversations::db::{self as conversations_db, ConversationRecord, MessageRecord};
@@ -133,52 +135,54 @@ pub struct FinalAnswer<'a> {
     pub dify_conversation_id: Option<&'a str>,
 }
 
-/// Writes the answer once at the end. A stop requested from any process turns COMPLETED into
-/// STOPPED. `None` when the message is gone (its conversation was deleted meanwhile).
+/// Writes the answer once at the end, in three statements and no transaction: each is
+/// idempotent, so a retry after a failure in between repeats them all. A stop requested from any
+/// process turns COMPLETED into STOPPED. `None` when the message is gone (its conversation was
+/// deleted meanwhile).
 pub async fn finish(
     conn: &mut AsyncMysqlConnection,
     id: MessageId,
     conversation: ConversationId,
     answer: FinalAnswer<'_>,
 ) -> QueryResult<Option<MessageRecord>> {
-    conn.transaction(async |conn| {
-        let stop_requested: Option<bool> = messages::table
-            .find(id)
-            .select(messages::stop_requested)
-            .for_update()
-            .first(conn)
-            .await
-            .optional()?;
-        let Some(stop_requested) = stop_requested else {
-            return Ok(None);
-        };
-        let status = match answer.status {
-            MessageStatus::Completed if stop_requested => MessageStatus::Stopped,
-            status => status,
-        };
-        diesel::update(messages::table.find(id))
-            .set((
-                messages::content.eq(answer.content),
-                messages::status.eq(status),
-                messages::error.eq(&answer.error),
-                messages::usage.eq(&answer.usage),
-                messages::retriever_resources.eq(&answer.retriever_resources),
-                messages::agent_thoughts.eq(&answer.agent_thoughts),
-                messages::files.eq(&answer.files),
-                messages::dify_message_id.eq(answer.dify_message_id),
-                messages::dify_task_id.eq(answer.dify_task_id),
-                messages::dify_workflow_run_id.eq(answer.dify_workflow_run_id),
-                messages::updated_at.eq(now()),
-            ))
-            .execute(conn)
-            .await?;
-        if let Some(dify) = answer.dify_conversation_id {
-            conversations_db::set_dify_conversation_id(conn, conversation, dify).await?;
-        }
-        conversations_db::touch(conn, conversation, 0).await?;
-        conversations_db::find_message(conn, id).await
-    })
-    .await
+    let completed = answer.status == MessageStatus::Completed;
+    let status = case_when(
+        messages::stop_requested.and(completed.into_sql::<Bool>()),
+        MessageStatus::Stopped.into_sql::<Varchar>(),
+    )
+    .otherwise(answer.status.into_sql::<Varchar>());
+    let updated = diesel::update(messages::table.find(id))
+        .set((
+            messages::content.eq(answer.content),
+            messages::status.eq(status),
+            messages::error.eq(&answer.error),
+            messages::usage.eq(&answer.usage),
+            messages::retriever_resources.eq(&answer.retriever_resources),
+            messages::agent_thoughts.eq(&answer.agent_thoughts),
+            messages::files.eq(&answer.files),
+            messages::dify_message_id.eq(answer.dify_message_id),
+            messages::dify_task_id.eq(answer.dify_task_id),
+            messages::dify_workflow_run_id.eq(answer.dify_workflow_run_id),
+            messages::updated_at.eq(now()),
+        ))
+        .execute(conn)
+        .await?;
+    if updated == 0 {
+        return Ok(None);
+    }
+    // Moves the conversation up the list and keeps the first Dify conversation id.
+    diesel::update(conversations::table.find(conversation))
+        .set((
+            conversations::updated_at.eq(now()),
+            conversations::dify_conversation_id.eq(sql::<Nullable<Varchar>>(
+                "COALESCE(dify_conversation_id, ",
+            )
+            .bind::<Nullable<Varchar>, _>(answer.dify_conversation_id)
+            .sql(")")),
+        ))
+        .execute(conn)
+        .await?;
+    conversations_db::find_message(conn, id).await
 }
 
 /// Answers still STREAMING whose last write is older than `stale_after` belong to a gateway that

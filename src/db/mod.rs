@@ -52,6 +52,15 @@ impl Db {
         conn
     }
 
+    /// Opens every connection of the pool now, so the first burst of requests does not pay for
+    /// connection set-up; also checks at start-up that the database answers.
+    pub async fn warm_up(&self) -> Result<(), PoolError> {
+        let size = self.pool.status().max_size;
+        let conns = futures::future::try_join_all((0..size).map(|_| self.pool.get())).await?;
+        drop(conns);
+        Ok(())
+    }
+
     /// Runs `work` on a pooled connection, giving up after `limit`. A connection whose work timed
     /// out is closed rather than returned to the pool: its protocol state is unknown.
     pub async fn run<T>(

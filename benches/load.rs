@@ -1,0 +1,665 @@
+//! Load benchmark: `cargo bench --bench load [-- ROW …]` (rows: 1 200 1000 4000 8000 raw1 raw20
+//! freeze; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
+//!
+//! The gateway is the release binary in its own process, pinned to core 0 (`taskset`), on a
+//! fresh database of the local MariaDB reached through a freezable TCP proxy. This process,
+//! pinned to core 1, is everything else: a paced Dify-shaped SSE emitter whose deltas carry
+//! their send time, N real WebSocket clients running the `chat` subscription, and the direct
+//! path (the same stream read straight from the emitter), the floor each row is compared with.
+//!
+//! Per row it prints: streams completed and stored, per-delta latency (send → receipt) p50/p99
+//! direct and through rechat, time to first delta, deltas per second, the gateway's RSS per
+//! stream, and MariaDB statements per second (its global `Questions` counter).
+
+#[path = "../tests/integration/harness/proxy.rs"]
+mod proxy;
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::response::Response;
+use axum::routing::{get, post};
+use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const SERVER: &str = "mysql://root@127.0.0.1:3306";
+const SUBSCRIPTION: &str = "subscription($input: ChatInput!) { chat(input: $input) { __typename seq \
+     ... on AnswerDelta { delta } ... on ChatCompleted { message { status } } \
+     ... on ChatFailed { error { code message } } } }";
+
+/// How fast new chats arrive in a row: 8,000 streams are all open after 8 s.
+const RAMP_PER_SECOND: f64 = 1000.0;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the benchmark started: the emitter stamps deltas with it, readers
+/// subtract. Both sides are this process, so one clock.
+fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+#[derive(Clone, Copy)]
+struct Row {
+    name: &'static str,
+    streams: usize,
+    deltas: usize,
+    pause: Duration,
+    /// Freeze the database this long, starting 5 s into the row.
+    freeze: Option<Duration>,
+}
+
+const ROWS: &[Row] = &[
+    row("1", 1, 40, 250),
+    row("200", 200, 40, 250),
+    row("1000", 1000, 40, 250),
+    row("4000", 4000, 40, 250),
+    row("8000", 8000, 40, 500),
+    row("raw1", 1, 2000, 0),
+    row("raw20", 20, 2000, 0),
+    Row {
+        freeze: Some(Duration::from_secs(15)),
+        ..row("freeze", 200, 100, 250)
+    },
+];
+
+const fn row(name: &'static str, streams: usize, deltas: usize, pause_ms: u64) -> Row {
+    Row {
+        name,
+        streams,
+        deltas,
+        pause: Duration::from_millis(pause_ms),
+        freeze: None,
+    }
+}
+
+// ---------------------------------------------------------------- the emitter (a paced Dify)
+
+/// `query` is `n=<deltas>;p=<pause ms>`.
+fn plan(query: &str) -> (usize, Duration) {
+    let mut n = 10;
+    let mut pause = 0;
+    for part in query.split(';') {
+        match part.split_once('=') {
+            Some(("n", v)) => n = v.parse().unwrap_or(n),
+            Some(("p", v)) => pause = v.parse().unwrap_or(pause),
+            _ => {}
+        }
+    }
+    (n, Duration::from_millis(pause))
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+async fn chat_messages(Json(body): Json<Value>) -> Response {
+    let (n, pause) = plan(body["query"].as_str().unwrap_or_default());
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let ids = format!(
+        r#""conversation_id":"00000000-0000-4000-8000-{id:012}","message_id":"10000000-0000-4000-8000-{id:012}","task_id":"20000000-0000-4000-8000-{id:012}""#
+    );
+    let start = tokio::time::Instant::now();
+    let frames = futures::stream::unfold(0usize, move |i| {
+        let ids = ids.clone();
+        async move {
+            if i > n {
+                return None;
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep_until(start + pause * i as u32).await;
+            } else if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+            let frame = if i < n {
+                format!(
+                    "data: {{\"event\":\"message\",{ids},\"answer\":\"{} \",\"created_at\":0}}\n\n",
+                    now_ns()
+                )
+            } else {
+                format!(
+                    "data: {{\"event\":\"message_end\",{ids},\"metadata\":{{\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{n},\"total_tokens\":{}}}}}}}\n\n",
+                    n + 5
+                )
+            };
+            Some((Ok::<_, std::io::Error>(Bytes::from(frame)), i + 1))
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(frames))
+        .unwrap()
+}
+
+async fn serve_emitter() -> (u16, u16) {
+    let router = axum::Router::new()
+        .route(
+            "/v1/info",
+            get(|| async { Json(json!({ "name": "load", "mode": "chat", "tags": [] })) }),
+        )
+        .route("/v1/chat-messages", post(chat_messages));
+    let mut ports = Vec::new();
+    // Two listeners: the gateway's connections and the direct path's do not share a port's
+    // TIME_WAIT space.
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ports.push(listener.local_addr().unwrap().port());
+        let router = router.clone();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+    }
+    (ports[0], ports[1])
+}
+
+// ---------------------------------------------------------------- readers
+
+#[derive(Default)]
+struct StreamResult {
+    ok: bool,
+    deltas: usize,
+    latencies_ns: Vec<u64>,
+    first_delta: Option<Duration>,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+    error: Option<String>,
+}
+
+impl StreamResult {
+    fn delta(&mut self, text: &str, begin: Instant) {
+        let received = now_ns();
+        let now = Instant::now();
+        if let Ok(sent) = text.trim().parse::<u64>() {
+            self.latencies_ns.push(received.saturating_sub(sent));
+        }
+        self.deltas += 1;
+        self.first_delta.get_or_insert(begin.elapsed());
+        self.first_at.get_or_insert(now);
+        self.last_at = Some(now);
+    }
+}
+
+async fn direct(port: u16, n: usize, pause: Duration, http: reqwest::Client) -> StreamResult {
+    let mut result = StreamResult::default();
+    let begin = Instant::now();
+    let response = http
+        .post(format!("http://127.0.0.1:{port}/v1/chat-messages"))
+        .json(&json!({ "query": format!("n={n};p={}", pause.as_millis()), "user": "direct" }))
+        .send()
+        .await;
+    let Ok(response) = response else {
+        result.error = Some("direct request failed".into());
+        return result;
+    };
+    let mut body = response.bytes_stream();
+    let mut decoder = rechat::dify::sse::Decoder::new();
+    let mut frames = Vec::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        decoder.push(&chunk, &mut frames);
+        for frame in frames.drain(..) {
+            let rechat::dify::sse::Frame::Data { data, .. } = frame else {
+                continue;
+            };
+            match rechat::dify::events::decode(&data).map(|e| e.event) {
+                Ok(rechat::dify::events::Event::AnswerDelta(text)) => result.delta(&text, begin),
+                Ok(rechat::dify::events::Event::MessageEnd { .. }) => result.ok = true,
+                _ => {}
+            }
+        }
+    }
+    result.ok &= result.deltas == n;
+    result
+}
+
+async fn through_gateway(
+    gateway: u16,
+    token: String,
+    n: usize,
+    pause: Duration,
+    connecting: std::sync::Arc<tokio::sync::Semaphore>,
+) -> StreamResult {
+    let mut result = StreamResult::default();
+    let permit = connecting.acquire_owned().await.unwrap();
+    let mut request = format!("ws://127.0.0.1:{gateway}/graphql")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let Ok((mut socket, _)) = tokio_tungstenite::connect_async(request).await else {
+        result.error = Some("connect failed".into());
+        return result;
+    };
+    let init = json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {token}") } });
+    socket
+        .send(Message::Text(init.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => break,
+            Some(Ok(_)) => continue,
+            _ => {
+                result.error = Some("no connection_ack".into());
+                return result;
+            }
+        }
+    }
+    let begin = Instant::now();
+    let subscribe = json!({ "id": "1", "type": "subscribe", "payload": { "query": SUBSCRIPTION,
+        "variables": { "input": { "query": format!("n={n};p={}", pause.as_millis()) } } } });
+    socket
+        .send(Message::Text(subscribe.to_string().into()))
+        .await
+        .unwrap();
+    drop(permit);
+    while let Some(Ok(message)) = socket.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let message: Value = serde_json::from_str(&text).unwrap_or_default();
+        match message["type"].as_str() {
+            Some("next") => {
+                let event = &message["payload"]["data"]["chat"];
+                match event["__typename"].as_str() {
+                    Some("AnswerDelta") => result.delta(event["delta"].as_str().unwrap(), begin),
+                    Some("ChatCompleted") => {
+                        result.ok = event["message"]["status"] == "COMPLETED";
+                    }
+                    Some("ChatFailed") => result.error = Some(event["error"].to_string()),
+                    None => result.error = Some(message["payload"].to_string()),
+                    _ => {}
+                }
+            }
+            Some("error") => {
+                result.error = Some(message["payload"].to_string());
+                break;
+            }
+            Some("complete") => break,
+            _ => {}
+        }
+    }
+    let _ = socket.close(None).await;
+    result.ok &= result.deltas == n;
+    result
+}
+
+// ---------------------------------------------------------------- measurements
+
+struct Summary {
+    ok: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    first_delta_p50_ms: f64,
+    deltas_per_s: f64,
+    first_error: Option<String>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1e6
+}
+
+fn summarise(results: &[StreamResult]) -> Summary {
+    let mut latencies: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.latencies_ns.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let mut firsts: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.first_delta.map(|d| d.as_nanos() as u64))
+        .collect();
+    firsts.sort_unstable();
+    let first = results.iter().filter_map(|r| r.first_at).min();
+    let last = results.iter().filter_map(|r| r.last_at).max();
+    let deltas: usize = results.iter().map(|r| r.deltas).sum();
+    let span = match (first, last) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    Summary {
+        ok: results.iter().filter(|r| r.ok).count(),
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1e6),
+        first_delta_p50_ms: percentile(&firsts, 0.5),
+        deltas_per_s: deltas as f64 / span,
+        first_error: results.iter().find_map(|r| r.error.clone()),
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn questions(conn: &mut AsyncMysqlConnection) -> u64 {
+    #[derive(diesel::QueryableByName)]
+    struct Status {
+        #[diesel(sql_type = diesel::sql_types::Text, column_name = "Value")]
+        value: String,
+    }
+    let rows: Vec<Status> = diesel::sql_query("SHOW GLOBAL STATUS LIKE 'Questions'")
+        .load(conn)
+        .await
+        .unwrap();
+    rows[0].value.parse().unwrap()
+}
+
+/// The gateway's metrics without labels, by name.
+async fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- the run
+
+struct Gateway {
+    child: std::process::Child,
+    port: u16,
+    token: String,
+}
+
+async fn start_gateway(database: &str, proxy_port: u16, emitter_port: u16) -> Gateway {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let child = std::process::Command::new("taskset")
+        .args(["-c", "0", env!("CARGO_BIN_EXE_rechat")])
+        .env(
+            "DATABASE_URL",
+            format!("mysql://root@127.0.0.1:{proxy_port}/{database}?prefer_socket=false"),
+        )
+        .env("SECRET_KEY", "load-benchmark-secret-key-0123456789abcdef")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting the gateway (taskset and the release binary)");
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..300 {
+        if http
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gql = |query: &str, variables: Value, token: Option<&str>| {
+        let mut request = http
+            .post(format!("{url}/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let registered = gql(
+        "mutation($i: RegisterInput!) { register(input: $i) { token } }",
+        json!({ "i": { "email": "load@example.com", "password": "load benchmark password" } }),
+        None,
+    )
+    .await;
+    let token = registered["data"]["register"]["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("register: {registered}"))
+        .to_owned();
+    let configured = gql(
+        "mutation($i: DifyConfigInput!) { setDifyConfig(input: $i) { isConfigured } }",
+        json!({ "i": { "apiKey": "app-loadBenchmarkKey0123456789", "apiUrl": format!("http://127.0.0.1:{emitter_port}/v1") } }),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(
+        configured["data"]["setDifyConfig"]["isConfigured"], true,
+        "{configured}"
+    );
+    Gateway { child, port, token }
+}
+
+fn pin_this_process_to_core_1() {
+    let _ = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
+}
+
+fn main() {
+    now_ns();
+    pin_this_process_to_core_1();
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let rows: Vec<Row> = ROWS
+        .iter()
+        .copied()
+        .filter(|r| wanted.is_empty() || wanted.iter().any(|w| w == r.name))
+        .collect();
+    let settle = std::env::var("LOAD_SETTLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60u64);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(rows, Duration::from_secs(settle)));
+}
+
+async fn run(rows: Vec<Row>, settle: Duration) {
+    let database = format!(
+        "rechat_bench_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    );
+    let mut admin = AsyncMysqlConnection::establish(SERVER).await.unwrap();
+    let (gateway_side, direct_side) = serve_emitter().await;
+    let proxy = proxy::FreezableProxy::start("127.0.0.1:3306".into()).await;
+    let mut gateway = start_gateway(&database, proxy.addr.port(), gateway_side).await;
+    let pid = gateway.child.id();
+    let idle_kib = rss_kib(pid);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    println!(
+        "gateway idle RSS {:.1} MiB; rows: {}\n",
+        idle_kib as f64 / 1024.0,
+        rows.iter().map(|r| r.name).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "| row | streams × deltas, pause | ok | direct p50 / p99 ms | rechat p50 / p99 / max ms | added p99 ms | first delta p50 ms direct / rechat | deltas/s direct / rechat | RSS before → peak MiB | KiB / stream | DB statements/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let n = row.deltas;
+        // The floor: the same streams read straight from the emitter.
+        let direct_results = futures::future::join_all((0..row.streams).map(|i| {
+            let arrival = Duration::from_secs_f64(i as f64 / RAMP_PER_SECOND);
+            let stream = direct(direct_side, n, row.pause, http.clone());
+            async move {
+                tokio::time::sleep(arrival).await;
+                stream.await
+            }
+        }))
+        .await;
+        let floor = summarise(&direct_results);
+        drop(direct_results);
+
+        let before_kib = rss_kib(pid);
+        let peak = std::sync::Arc::new(AtomicU64::new(before_kib));
+        let sampler = tokio::spawn({
+            let peak = peak.clone();
+            async move {
+                loop {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let freeze = async {
+            if let Some(freeze) = row.freeze {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                proxy.freeze();
+                tokio::time::sleep(freeze).await;
+                proxy.thaw();
+            }
+        };
+        let questions_before = questions(&mut admin).await;
+        let metrics_before = scrape(gateway.port).await;
+        let started = Instant::now();
+        let connecting = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+        // New chats arrive at RAMP_PER_SECOND, not all in the same millisecond.
+        let streams = futures::future::join_all((0..row.streams).map(|i| {
+            let arrival = Duration::from_secs_f64(i as f64 / RAMP_PER_SECOND);
+            let stream = through_gateway(
+                gateway.port,
+                gateway.token.clone(),
+                n,
+                row.pause,
+                connecting.clone(),
+            );
+            async move {
+                tokio::time::sleep(arrival).await;
+                stream.await
+            }
+        }));
+        let (results, ()) = tokio::join!(streams, freeze);
+        report(
+            row,
+            &floor,
+            &results,
+            before_kib,
+            &peak,
+            questions(&mut admin).await - questions_before,
+            started.elapsed(),
+        );
+        let metrics_after = scrape(gateway.port).await;
+        let delta = |name: &str| {
+            metrics_after.get(name).unwrap_or(&0.0) - metrics_before.get(name).unwrap_or(&0.0)
+        };
+        let mean_ms = |name: &str| {
+            1e3 * delta(&format!("{name}_sum")) / delta(&format!("{name}_count")).max(1.0)
+        };
+        println!(
+            "  gateway: writer {:.0} statements ({:.1}/s), mean pool wait {:.2} ms, mean Dify first event {:.2} ms, mean relay {:.3} ms",
+            delta("rechat_writer_statements_total"),
+            delta("rechat_writer_statements_total") / started.elapsed().as_secs_f64(),
+            mean_ms("rechat_pool_wait_seconds"),
+            mean_ms("rechat_dify_first_event_seconds"),
+            mean_ms("rechat_relay_seconds"),
+        );
+        sampler.abort();
+        // Let the final writes land and sockets close before the next row.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let after_kib = rss_kib(pid);
+    tokio::time::sleep(settle).await;
+    let settled_kib = rss_kib(pid);
+    println!(
+        "\ngateway RSS: idle {:.1} MiB, right after the rows {:.1} MiB, {} s later {:.1} MiB",
+        idle_kib as f64 / 1024.0,
+        after_kib as f64 / 1024.0,
+        settle.as_secs(),
+        settled_kib as f64 / 1024.0
+    );
+    let stored: Vec<StoredCount> = diesel::sql_query(format!(
+        "SELECT status, CAST(COUNT(*) AS CHAR) AS n FROM `{database}`.messages WHERE role = 'ASSISTANT' GROUP BY status"
+    ))
+    .load(&mut admin)
+    .await
+    .unwrap();
+    println!(
+        "stored answers: {}",
+        stored
+            .iter()
+            .map(|s| format!("{} {}", s.status, s.n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = gateway.child.kill();
+    let _ = gateway.child.wait();
+    diesel::sql_query(format!("DROP DATABASE `{database}`"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+#[derive(diesel::QueryableByName)]
+struct StoredCount {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    status: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    n: String,
+}
+
+fn report(
+    row: Row,
+    floor: &Summary,
+    results: &[StreamResult],
+    before_kib: u64,
+    peak: &AtomicU64,
+    statements: u64,
+    took: Duration,
+) {
+    let through = summarise(results);
+    let peak_kib = peak.load(Ordering::Relaxed);
+    println!(
+        "| {} | {} × {}, {} ms | {}/{} | {:.2} / {:.2} | {:.2} / {:.2} / {:.0} | {:+.2} | {:.1} / {:.1} | {:.0} / {:.0} | {:.0} → {:.0} | {:.1} | {:.0} |",
+        row.name,
+        row.streams,
+        row.deltas,
+        row.pause.as_millis(),
+        through.ok,
+        row.streams,
+        floor.p50_ms,
+        floor.p99_ms,
+        through.p50_ms,
+        through.p99_ms,
+        through.max_ms,
+        through.p99_ms - floor.p99_ms,
+        floor.first_delta_p50_ms,
+        through.first_delta_p50_ms,
+        floor.deltas_per_s,
+        through.deltas_per_s,
+        before_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0,
+        peak_kib.saturating_sub(before_kib) as f64 / row.streams as f64,
+        statements as f64 / took.as_secs_f64(),
+    );
+    if let Some(error) = through.first_error.or(floor.first_error.clone()) {
+        println!("  first error: {error}");
+    }
+}
