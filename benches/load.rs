@@ -62,6 +62,7 @@ const ROWS: &[Row] = &[
     row("8000", 8000, 40, 500),
     row("raw1", 1, 2000, 0),
     row("raw20", 20, 2000, 0),
+    row("prof", 20, 60000, 0),
     Row {
         freeze: Some(Duration::from_secs(15)),
         ..row("freeze", 200, 100, 250)
@@ -282,6 +283,9 @@ async fn through_gateway(
         }
     }
     let _ = socket.close(None).await;
+    if result.ok && result.deltas != n {
+        result.error = Some(format!("{} of {n} deltas arrived", result.deltas));
+    }
     result.ok &= result.deltas == n;
     result
 }

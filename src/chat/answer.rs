@@ -210,11 +210,13 @@ impl Answer {
                     Some(known) => known.clone_from(&thought),
                     None => self.thoughts.push(thought.clone()),
                 }
-                relay(ChatEvent::AgentThoughtUpdated(AgentThoughtUpdated {
-                    message_id: unstamped(),
-                    seq: 0,
-                    thought,
-                }))
+                relay(ChatEvent::AgentThoughtUpdated(Box::new(
+                    AgentThoughtUpdated {
+                        message_id: unstamped(),
+                        seq: 0,
+                        thought,
+                    },
+                )))
             }
             Event::MessageFile(f) => {
                 let file = MessageFile {
@@ -353,7 +355,7 @@ fn dify_event(event: String, raw: Value) -> ChatEvent {
 
 fn progress(event: String, workflow_run_id: Option<String>, data: Value) -> ChatEvent {
     let field = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
-    ChatEvent::WorkflowProgress(WorkflowProgress {
+    ChatEvent::WorkflowProgress(Box::new(WorkflowProgress {
         message_id: unstamped(),
         seq: 0,
         workflow_run_id: workflow_run_id.or_else(|| field("workflow_run_id")),
@@ -364,7 +366,7 @@ fn progress(event: String, workflow_run_id: Option<String>, data: Value) -> Chat
         elapsed_time: data.get("elapsed_time").and_then(Value::as_f64),
         event,
         data: Json(data),
-    })
+    }))
 }
 
 /// A workflow's answer when it streamed no text: its single text output, or all outputs as JSON.

@@ -20,16 +20,17 @@ use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Messa
         desc = "1 for ChatStarted, then one more per event."
     )
 )]
+// The large variants are boxed: every queued event takes the size of the largest variant.
 pub enum ChatEvent {
     ChatStarted(Box<ChatStarted>),
     AnswerDelta(AnswerDelta),
     AnswerReplaced(AnswerReplaced),
-    AgentThoughtUpdated(AgentThoughtUpdated),
+    AgentThoughtUpdated(Box<AgentThoughtUpdated>),
     MessageFileAdded(MessageFileAdded),
-    WorkflowProgress(WorkflowProgress),
+    WorkflowProgress(Box<WorkflowProgress>),
     DifyEvent(DifyEvent),
-    ChatCompleted(ChatCompleted),
-    ChatFailed(ChatFailed),
+    ChatCompleted(Box<ChatCompleted>),
+    ChatFailed(Box<ChatFailed>),
 }
 
 impl ChatEvent {

@@ -158,7 +158,7 @@ pub async fn run(
         stop_sent: false,
     };
     let outcome = relay.stream(request, &handle, &mut emitter).await;
-    let terminal = relay.finish(outcome).await;
+    let terminal = Box::pin(relay.finish(outcome)).await;
     emitter.send(terminal);
 }
 
@@ -170,7 +170,8 @@ impl Relay {
         emitter: &mut Emitter,
     ) -> Outcome {
         let called = Instant::now();
-        let stream = match self.open(request).await {
+        // Boxed: the one-off futures would otherwise add their size to every live relay's task.
+        let stream = match Box::pin(self.open(request)).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::warn!(%error, "Dify refused the chat request");
@@ -366,17 +367,17 @@ impl Relay {
         self.app.metrics.outcome(&label);
         tracing::info!(message.id = %self.message_id, ?status, outcome = label, chars = self.answer.content.chars().count(), "answer finished");
         match (status, message.error.clone()) {
-            (MessageStatus::Failed, Some(error)) => ChatEvent::ChatFailed(ChatFailed {
+            (MessageStatus::Failed, Some(error)) => ChatEvent::ChatFailed(Box::new(ChatFailed {
                 message_id: self.message_id.into(),
                 seq: 0,
                 message,
                 error,
-            }),
-            _ => ChatEvent::ChatCompleted(ChatCompleted {
+            })),
+            _ => ChatEvent::ChatCompleted(Box::new(ChatCompleted {
                 message_id: self.message_id.into(),
                 seq: 0,
                 message,
-            }),
+            })),
         }
     }
 

@@ -850,3 +850,21 @@ async fn subscriptions_also_stream_as_multipart_over_http() {
     check_shape(&events);
     assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpaced_answer_arrives_whole_and_in_order() {
+    // Events are written to the socket in batches; none may be lost between batches.
+    let (app, _, token) = setup("chat").await;
+    let user = actor(&app, &token);
+    for protocol in [TRANSPORT_WS, LEGACY_WS] {
+        app.dify.push(Script::Long {
+            deltas: 1500,
+            pause: Duration::ZERO,
+        });
+        let events = chat(&user, protocol, json!({ "query": "fast" })).await;
+        check_shape(&events);
+        let words: Vec<String> = (0..1500).map(|i| format!("word{i} ")).collect();
+        assert_eq!(answer_of(&events), words.concat());
+        assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
+    }
+}
