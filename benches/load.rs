@@ -2,7 +2,8 @@
 //! freeze; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
 //!
 //! The gateway is the release binary in its own process, pinned to core 0 (`taskset`), on a
-//! fresh database of the local MariaDB reached through a freezable TCP proxy. This process,
+//! fresh database of the local MariaDB (the freeze row's gateway reaches it through a TCP proxy
+//! that can stop passing bytes, as a frozen server would look). This process,
 //! pinned to core 1, is everything else: a paced Dify-shaped SSE emitter whose deltas carry
 //! their send time, N real WebSocket clients running the `chat` subscription, and the direct
 //! path (the same stream read straight from the emitter), the floor each row is compared with.
@@ -62,7 +63,6 @@ const ROWS: &[Row] = &[
     row("8000", 8000, 40, 500),
     row("raw1", 1, 2000, 0),
     row("raw20", 20, 2000, 0),
-    row("prof", 20, 60000, 0),
     Row {
         freeze: Some(Duration::from_secs(15)),
         ..row("freeze", 200, 100, 250)
@@ -387,17 +387,14 @@ struct Gateway {
     token: String,
 }
 
-async fn start_gateway(database: &str, proxy_port: u16, emitter_port: u16) -> Gateway {
+async fn start_gateway(database_url: &str, emitter_port: u16) -> Gateway {
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
     let child = std::process::Command::new("taskset")
         .args(["-c", "0", env!("CARGO_BIN_EXE_rechat")])
-        .env(
-            "DATABASE_URL",
-            format!("mysql://root@127.0.0.1:{proxy_port}/{database}?prefer_socket=false"),
-        )
+        .env("DATABASE_URL", database_url)
         .env("SECRET_KEY", "load-benchmark-secret-key-0123456789abcdef")
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
@@ -481,19 +478,20 @@ fn main() {
 }
 
 async fn run(rows: Vec<Row>, settle: Duration) {
-    let database = format!(
-        "rechat_bench_{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    );
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let mut admin = AsyncMysqlConnection::establish(SERVER).await.unwrap();
     let (gateway_side, direct_side) = serve_emitter().await;
+    // The gateway of the ordinary rows reaches MariaDB as in production; the freeze row's
+    // gateway goes through the proxy, whose forwarding would otherwise cost the driver's core.
+    let main_db = format!("rechat_bench_{stamp}");
+    let mut main = start_gateway(&format!("{SERVER}/{main_db}"), gateway_side).await;
     let proxy = proxy::FreezableProxy::start("127.0.0.1:3306".into()).await;
-    let mut gateway = start_gateway(&database, proxy.addr.port(), gateway_side).await;
-    let pid = gateway.child.id();
-    let idle_kib = rss_kib(pid);
+    let frozen_db = format!("rechat_bench_{stamp}_freeze");
+    let mut frozen = None;
+    let idle_kib = rss_kib(main.child.id());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
@@ -508,6 +506,19 @@ async fn run(rows: Vec<Row>, settle: Duration) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
+        let gateway = if row.freeze.is_some() {
+            if frozen.is_none() {
+                let url = format!(
+                    "mysql://root@127.0.0.1:{}/{frozen_db}?prefer_socket=false",
+                    proxy.addr.port()
+                );
+                frozen = Some(start_gateway(&url, gateway_side).await);
+            }
+            frozen.as_ref().unwrap()
+        } else {
+            &main
+        };
+        let pid = gateway.child.id();
         let n = row.deltas;
         // The floor: the same streams read straight from the emitter.
         let direct_results = futures::future::join_all((0..row.streams).map(|i| {
@@ -589,9 +600,9 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         // Let the final writes land and sockets close before the next row.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let after_kib = rss_kib(pid);
+    let after_kib = rss_kib(main.child.id());
     tokio::time::sleep(settle).await;
-    let settled_kib = rss_kib(pid);
+    let settled_kib = rss_kib(main.child.id());
     println!(
         "\ngateway RSS: idle {:.1} MiB, right after the rows {:.1} MiB, {} s later {:.1} MiB",
         idle_kib as f64 / 1024.0,
@@ -599,26 +610,31 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         settle.as_secs(),
         settled_kib as f64 / 1024.0
     );
-    let stored: Vec<StoredCount> = diesel::sql_query(format!(
-        "SELECT status, CAST(COUNT(*) AS CHAR) AS n FROM `{database}`.messages WHERE role = 'ASSISTANT' GROUP BY status"
-    ))
-    .load(&mut admin)
-    .await
-    .unwrap();
-    println!(
-        "stored answers: {}",
-        stored
-            .iter()
-            .map(|s| format!("{} {}", s.status, s.n))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let _ = gateway.child.kill();
-    let _ = gateway.child.wait();
-    diesel::sql_query(format!("DROP DATABASE `{database}`"))
-        .execute(&mut admin)
+    for (database, gateway) in [(&main_db, Some(&mut main)), (&frozen_db, frozen.as_mut())] {
+        let Some(gateway) = gateway else {
+            continue;
+        };
+        let stored: Vec<StoredCount> = diesel::sql_query(format!(
+            "SELECT status, CAST(COUNT(*) AS CHAR) AS n FROM `{database}`.messages WHERE role = 'ASSISTANT' GROUP BY status"
+        ))
+        .load(&mut admin)
         .await
         .unwrap();
+        println!(
+            "stored answers in {database}: {}",
+            stored
+                .iter()
+                .map(|s| format!("{} {}", s.status, s.n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = gateway.child.kill();
+        let _ = gateway.child.wait();
+        diesel::sql_query(format!("DROP DATABASE `{database}`"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
 }
 
 #[derive(diesel::QueryableByName)]

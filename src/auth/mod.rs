@@ -1,5 +1,6 @@
 //! Sign-up, sign-in and tokens.
 
+pub mod accounts;
 pub mod graphql;
 pub mod password;
 pub mod throttle;

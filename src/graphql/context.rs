@@ -30,8 +30,18 @@ impl Viewer {
         let Some((id, version)) = app.keys.verify(token) else {
             return Ok(Self::Rejected);
         };
-        let mut conn = app.db.get().await?;
-        Ok(match crate::users::db::find(&mut conn, id).await? {
+        let user = match app.accounts.get(id) {
+            Some(user) => Some(user),
+            None => {
+                let mut conn = app.db.get().await?;
+                let user = crate::users::db::find(&mut conn, id).await?;
+                if let Some(user) = &user {
+                    app.accounts.put(user);
+                }
+                user
+            }
+        };
+        Ok(match user {
             Some(user) if user.is_active && user.token_version == version => {
                 Self::User(Box::new(user))
             }

@@ -570,7 +570,10 @@ async fn listing_costs_the_same_queries_for_any_page_size() {
             .unwrap()
     }
     let mut costs = Vec::new();
+    let user_id = rechat::users::domain::UserId::parse("id", &user.id).unwrap();
     for first in [2, 40] {
+        // The token check reads the account each time, as it does when its cache is cold.
+        app.app.accounts.forget(user_id);
         let before = questions(&app).await;
         let page = list(&user, json!({ "first": first })).await;
         assert_eq!(page["edges"].as_array().unwrap().len(), first as usize);
@@ -580,7 +583,6 @@ async fn listing_costs_the_same_queries_for_any_page_size() {
         costs[0], costs[1],
         "messageCount and the page cost no query per conversation: {costs:?}"
     );
-    // Token check, page and count, plus the pool's liveness check per checkout and the
-    // counter read itself.
-    assert!(costs[0] <= 8, "{costs:?}");
+    // Token check, page and count, and the counter read itself.
+    assert!(costs[0] <= 5, "{costs:?}");
 }
