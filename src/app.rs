@@ -67,11 +67,19 @@ impl App {
         db::migrate(config.database_url.as_str()).await?;
         let metrics = Arc::new(Metrics::default());
         let pool = Db::new(
-            db::pool(config.database_url.as_str(), config.db_pool_size)?,
+            db::pool(
+                config.database_url.as_str(),
+                config.db_pool_size,
+                db::Checkout::Verified,
+            )?,
             metrics.pool_wait_seconds.clone(),
         );
         let writer_db = Db::new(
-            db::pool(config.database_url.as_str(), config.writer_pool_size)?,
+            db::pool(
+                config.database_url.as_str(),
+                config.writer_pool_size,
+                db::Checkout::Fast,
+            )?,
             metrics.pool_wait_seconds.clone(),
         );
         pool.warm_up().await.context("connecting to MySQL")?;

@@ -26,6 +26,8 @@ pub enum AppError {
         status: u16,
     },
     UpstreamUnavailable(String),
+    /// MySQL cannot be reached: the client may retry shortly (HTTP 503).
+    Unavailable,
     /// Shared so the error can be cloned, as async-graphql requires of resolver errors.
     Internal(std::sync::Arc<anyhow::Error>),
 }
@@ -63,6 +65,7 @@ impl AppError {
                 status,
             } => format!("Dify answered {status} {code}: {message}"),
             Self::UpstreamUnavailable(message) => format!("Dify could not be reached: {message}"),
+            Self::Unavailable => "the database is unavailable; try again in a moment".into(),
             Self::Internal(_) => "internal server error".into(),
         }
     }
@@ -78,6 +81,7 @@ impl AppError {
             Self::DifyNotConfigured => "DIFY_NOT_CONFIGURED",
             Self::Upstream { .. } => "UPSTREAM_ERROR",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
+            Self::Unavailable => SERVICE_UNAVAILABLE,
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -86,15 +90,30 @@ impl AppError {
 pub const NOT_SIGNED_IN: &str = "sign in first: send Authorization: Bearer <token>";
 pub const SESSION_INVALID: &str = "the token is invalid, expired or revoked; sign in again";
 
+/// The code of [`AppError::Unavailable`]; HTTP answers carrying it have status 503.
+pub const SERVICE_UNAVAILABLE: &str = "SERVICE_UNAVAILABLE";
+
 impl From<diesel::result::Error> for AppError {
     fn from(error: diesel::result::Error) -> Self {
+        if crate::db::is_unavailable(&error) {
+            tracing::warn!(%error, "MySQL is unavailable");
+            return Self::Unavailable;
+        }
         Self::internal(error)
     }
 }
 
 impl From<crate::db::PoolError> for AppError {
     fn from(error: crate::db::PoolError) -> Self {
-        Self::internal(anyhow::anyhow!("database pool: {error}"))
+        use deadpool::managed::PoolError;
+        match error {
+            // No connection in time, or none could be opened: MySQL is away or overwhelmed.
+            PoolError::Timeout(_) | PoolError::Backend(_) => {
+                tracing::warn!(%error, "MySQL is unavailable");
+                Self::Unavailable
+            }
+            other => Self::internal(anyhow::anyhow!("database pool: {other}")),
+        }
     }
 }
 
@@ -152,6 +171,7 @@ mod tests {
                 AppError::UpstreamUnavailable("timeout".into()),
                 "UPSTREAM_UNAVAILABLE",
             ),
+            (AppError::Unavailable, "SERVICE_UNAVAILABLE"),
             (
                 AppError::internal(anyhow::anyhow!("SELECT secret")),
                 "INTERNAL_SERVER_ERROR",

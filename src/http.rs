@@ -25,6 +25,7 @@ use tower_http::trace::TraceLayer;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::error::{AppError, SERVICE_UNAVAILABLE};
 use crate::graphql::context::Viewer;
 use crate::graphql::{self, AppSchema};
 
@@ -122,12 +123,13 @@ async fn execute(
     let viewer = match Viewer::from_credentials(&state.app, bearer(headers)).await {
         Ok(viewer) => viewer,
         Err(error) => {
-            let error = async_graphql::Error::from(error);
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "INTERNAL_SERVER_ERROR",
-                &error.message,
-            );
+            let status = match error {
+                AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let (code, message) = (error.code(), error.message());
+            let _ = async_graphql::Error::from(error); // logs an internal error's cause
+            return error_response(status, code, &message);
         }
     };
     let request = request.data(viewer);
@@ -149,7 +151,17 @@ async fn execute(
             ))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }
-    GraphQLResponse::from(state.schema.execute(request).await).into_response()
+    let response = state.schema.execute(request).await;
+    // A database outage is the server's condition, not the request's: say so in the status too.
+    let unavailable = response.errors.iter().any(|error| {
+        error.extensions.as_ref().and_then(|e| e.get("code"))
+            == Some(&async_graphql::Value::from(SERVICE_UNAVAILABLE))
+    });
+    let mut http = GraphQLResponse::from(response).into_response();
+    if unavailable {
+        *http.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    http
 }
 
 async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -306,6 +318,8 @@ async fn serve_websocket(
     let (mut sink, stream) = socket.split();
     let initialised = Arc::new(AtomicBool::new(false));
     let rejected = Arc::new(AtomicBool::new(false));
+    // The token could not be checked because the database is away: not the client's fault.
+    let unavailable = Arc::new(AtomicBool::new(false));
     let input = stream
         .take_while(|message| futures::future::ready(message.is_ok()))
         .filter_map(|message| {
@@ -316,13 +330,20 @@ async fn serve_websocket(
             })
         });
     let on_init = {
-        let (app, initialised, rejected) =
-            (state.app.clone(), initialised.clone(), rejected.clone());
+        let (app, initialised, rejected, unavailable) = (
+            state.app.clone(),
+            initialised.clone(),
+            rejected.clone(),
+            unavailable.clone(),
+        );
         move |payload: serde_json::Value| async move {
             let credentials = init_credentials(&payload).or(header_credentials);
             let viewer = Viewer::from_credentials(&app, credentials.as_deref())
                 .await
-                .map_err(|_| async_graphql::Error::new("the server could not check the token"))?;
+                .map_err(|_| {
+                    unavailable.store(true, Ordering::SeqCst);
+                    async_graphql::Error::new("the server could not check the token")
+                })?;
             if matches!(viewer, Viewer::Rejected) {
                 rejected.store(true, Ordering::SeqCst);
                 return Err(async_graphql::Error::new(
@@ -374,6 +395,11 @@ async fn serve_websocket(
                 Some(WsMessage::Close(code, reason)) => {
                     let (code, reason) = if rejected.load(Ordering::SeqCst) {
                         (4403, "Forbidden".to_owned())
+                    } else if unavailable.load(Ordering::SeqCst) {
+                        (
+                            1011,
+                            "the server cannot check the token now; retry".to_owned(),
+                        )
                     } else {
                         (code, reason)
                     };
@@ -394,6 +420,8 @@ async fn serve_websocket(
     // The legacy protocol reports a rejected init as `connection_error` and then ends: close too.
     let code = if rejected.load(Ordering::SeqCst) {
         4403
+    } else if unavailable.load(Ordering::SeqCst) {
+        1011
     } else {
         1000
     };

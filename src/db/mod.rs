@@ -74,6 +74,11 @@ impl Db {
             .map_err(|_| anyhow::anyhow!("no MySQL connection within {limit:?}"))??;
         let left = limit.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, work(&mut conn)).await {
+            Ok(Err(error)) if is_unavailable(&error) => {
+                // Its socket is gone: a fresh connection next time.
+                drop(Object::take(conn));
+                Err(error.into())
+            }
             Ok(result) => Ok(result?),
             Err(_) => {
                 drop(Object::take(conn));
@@ -83,11 +88,38 @@ impl Db {
     }
 }
 
-pub fn pool(database_url: &str, size: usize) -> anyhow::Result<DbPool> {
+/// How a pool checks a connection it hands out.
+#[derive(Clone, Copy)]
+pub enum Checkout {
+    /// A `SELECT 1` first: a connection whose socket died (MySQL restarted) is replaced instead
+    /// of failing the request, and keeps failing every later one.
+    Verified,
+    /// No check: for a pool used only through [`Db::run`], which closes a connection on the
+    /// first error that shows its socket is gone.
+    Fast,
+}
+
+/// Whether a query failed because MySQL could not be reached (as opposed to MySQL refusing the
+/// statement). diesel-async reports both as `DatabaseError(Unknown, _)`; mysql_async's own
+/// errors are the ones whose text starts with its error kind.
+pub fn is_unavailable(error: &diesel::result::Error) -> bool {
+    match error {
+        diesel::result::Error::DatabaseError(_, info) => {
+            let message = info.message();
+            ["Input/output error", "Driver error", "Other error"]
+                .iter()
+                .any(|kind| message.starts_with(kind))
+        }
+        _ => false,
+    }
+}
+
+pub fn pool(database_url: &str, size: usize, checkout: Checkout) -> anyhow::Result<DbPool> {
     let mut manager_config = ManagerConfig::default();
-    // A broken connection shows as an error on its next statement; checking every checkout with
-    // a `SELECT 1` would add a round trip to every request.
-    manager_config.recycling_method = RecyclingMethod::Fast;
+    manager_config.recycling_method = match checkout {
+        Checkout::Verified => RecyclingMethod::Verified,
+        Checkout::Fast => RecyclingMethod::Fast,
+    };
     manager_config.custom_setup = Box::new(|url| {
         let url = url.to_owned();
         async move {

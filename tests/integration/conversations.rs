@@ -583,6 +583,7 @@ async fn listing_costs_the_same_queries_for_any_page_size() {
         costs[0], costs[1],
         "messageCount and the page cost no query per conversation: {costs:?}"
     );
-    // Token check, page and count, and the counter read itself.
-    assert!(costs[0] <= 5, "{costs:?}");
+    // Token check, page and count, the pool's liveness check per checkout and the counter
+    // read itself.
+    assert!(costs[0] <= 7, "{costs:?}");
 }

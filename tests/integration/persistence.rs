@@ -93,20 +93,7 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_database_delays_no_delta_and_loses_no_answer() {
-    let upstream = url::Url::parse(&server_url()).unwrap();
-    let proxy = FreezableProxy::start(format!(
-        "{}:{}",
-        upstream.host_str().unwrap(),
-        upstream.port().unwrap_or(3306)
-    ))
-    .await;
-    let app = TestApp::spawn_with(|c| {
-        let _ = c.database_url.set_ip_host(proxy.addr.ip());
-        let _ = c.database_url.set_port(Some(proxy.addr.port()));
-        // mysql_async would otherwise switch to MariaDB's Unix socket, around the proxy.
-        c.database_url.set_query(Some("prefer_socket=false"));
-    })
-    .await;
+    let (proxy, app) = behind_proxy(|_| {}).await;
     let (admin, user) = app.admin_and_user().await;
     app.configure_dify(&admin, "chat").await;
     app.dify.push(Script::Long {
@@ -186,4 +173,129 @@ async fn a_frozen_database_delays_no_delta_and_loses_no_answer() {
 
 async fn first(app: &TestApp, sql: &str) -> String {
     app.sql_strings(sql).await.remove(0)
+}
+
+/// A gateway whose MySQL connections go through a proxy the test controls.
+async fn behind_proxy(adjust: impl FnOnce(&mut rechat::Config)) -> (FreezableProxy, TestApp) {
+    let upstream = url::Url::parse(&server_url()).unwrap();
+    let proxy = FreezableProxy::start(format!(
+        "{}:{}",
+        upstream.host_str().unwrap(),
+        upstream.port().unwrap_or(3306)
+    ))
+    .await;
+    let app = TestApp::spawn_with(|c| {
+        let _ = c.database_url.set_ip_host(proxy.addr.ip());
+        let _ = c.database_url.set_port(Some(proxy.addr.port()));
+        // mysql_async would otherwise switch to MariaDB's Unix socket, around the proxy.
+        c.database_url.set_query(Some("prefer_socket=false"));
+        adjust(c);
+    })
+    .await;
+    (proxy, app)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_is_service_unavailable_and_passes() {
+    let (proxy, app) = behind_proxy(|_| {}).await;
+    let user = app.register("outage@example.com").await;
+    let user_id = rechat::users::domain::UserId::parse("id", &user.id).unwrap();
+    let list = "query { conversations { totalCount } }";
+    let login = r#"mutation { login(input: { email: "outage@example.com", password: "correct horse battery" }) { token } }"#;
+    let post = |token: Option<String>, query: &'static str| {
+        let mut request = app
+            .http
+            .post(app.url("/graphql"))
+            .json(&json!({ "query": query }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    proxy.cut();
+    for (token, query) in [(user.token.clone(), list), (None, login)] {
+        let (status, body) = post(token, query).await;
+        assert_eq!(status, 503, "{query}: {body}");
+        assert_eq!(crate::harness::error_code(&body), "SERVICE_UNAVAILABLE");
+    }
+    // A socket whose token cannot be checked is closed as the server's failure, not the client's.
+    app.app.accounts.forget(user_id);
+    let refused = crate::harness::WsClient::connect(
+        &app.ws_url(),
+        TRANSPORT_WS,
+        Some(json!({ "token": user.token })),
+    )
+    .await
+    .err()
+    .expect("no ack while the database is down");
+    assert!(refused.starts_with("close 1011"), "{refused}");
+
+    // Back: the pool replaces its dead connections and nothing else is needed.
+    proxy.restore();
+    let (status, body) = post(user.token.clone(), list).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["conversations"]["totalCount"], 0);
+    let (status, body) = post(None, login).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_that_cannot_be_saved_ends_not_saved() {
+    // The final write is retried for as long as the sweep would leave the answer alone.
+    let (proxy, app) = behind_proxy(|c| c.stale_stream_after = Duration::from_secs(2)).await;
+    let (admin, user) = app.admin_and_user().await;
+    app.configure_dify(&admin, "chat").await;
+    app.dify.push(Script::Long {
+        deltas: 20,
+        pause: Duration::from_millis(20),
+    });
+    let mut ws = user.ws(TRANSPORT_WS).await;
+    ws.subscribe(CHAT, json!({ "input": { "query": "unlucky" } }))
+        .await;
+    let mut deltas = 0;
+    let terminal = loop {
+        let OpMessage::Next(payload) = ws.next_op().await else {
+            panic!("the subscription ended without a terminal event")
+        };
+        let event = payload["data"]["chat"].clone();
+        match event["__typename"].as_str().unwrap() {
+            "AnswerDelta" => {
+                deltas += 1;
+                if deltas == 5 {
+                    proxy.cut();
+                }
+            }
+            "ChatCompleted" | "ChatFailed" => break event,
+            _ => {}
+        }
+    };
+    proxy.restore();
+    assert_eq!(deltas, 20, "the answer kept streaming without the database");
+    assert_eq!(terminal["__typename"], "ChatFailed", "{terminal}");
+    assert_eq!(terminal["error"]["code"], "not_saved");
+    assert_eq!(terminal["message"]["status"], "FAILED");
+    assert_eq!(
+        terminal["message"]["content"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count(),
+        20,
+        "the client still gets the whole answer"
+    );
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("rechat_answers_total{outcome=\"not_saved\"} 1"));
 }

@@ -1,16 +1,18 @@
-//! A TCP proxy in front of MariaDB that can freeze: while frozen it passes no byte either way,
-//! as a stalled or stopped server would look to the gateway. The shared MariaDB is never touched.
+//! A TCP proxy in front of MariaDB that can freeze (pass no byte either way, as a stalled server
+//! looks) or go down (drop every connection and refuse new ones, as a stopped server looks).
+//! The shared MariaDB is never touched.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub struct FreezableProxy {
     pub addr: SocketAddr,
     frozen: Arc<watch::Sender<bool>>,
+    down: Arc<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -20,10 +22,14 @@ impl FreezableProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let frozen = Arc::new(watch::Sender::new(false));
+        let down = Arc::new(watch::Sender::new(false));
         let task = tokio::spawn({
-            let frozen = frozen.clone();
+            let (frozen, down) = (frozen.clone(), down.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if *down.borrow() {
+                        continue; // dropped: the connection is refused
+                    }
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         continue;
                     };
@@ -31,12 +37,30 @@ impl FreezableProxy {
                     let _ = server.set_nodelay(true);
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    tokio::spawn(pipe(client_read, server_write, frozen.subscribe()));
-                    tokio::spawn(pipe(server_read, client_write, frozen.subscribe()));
+                    for (from, to) in [
+                        (
+                            Box::new(client_read) as Box<dyn AsyncRead + Send + Unpin>,
+                            Box::new(server_write) as Box<dyn AsyncWrite + Send + Unpin>,
+                        ),
+                        (Box::new(server_read), Box::new(client_write)),
+                    ] {
+                        let (frozen, mut down) = (frozen.subscribe(), down.subscribe());
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                () = pipe(from, to, frozen) => {}
+                                _ = down.wait_for(|d| *d) => {}
+                            }
+                        });
+                    }
                 }
             }
         });
-        Self { addr, frozen, task }
+        Self {
+            addr,
+            frozen,
+            down,
+            task,
+        }
     }
 
     pub fn freeze(&self) {
@@ -45,6 +69,15 @@ impl FreezableProxy {
 
     pub fn thaw(&self) {
         self.frozen.send_replace(false);
+    }
+
+    /// Drops every connection and refuses new ones until `restore`.
+    pub fn cut(&self) {
+        self.down.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.down.send_replace(false);
     }
 }
 
