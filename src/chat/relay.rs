@@ -205,6 +205,10 @@ impl Relay {
                         Some(Err(error)) => {
                             tracing::warn!(%error, "the Dify stream broke");
                             outcome = Some(merge(outcome, Outcome::from_dify(&error)));
+                            // Dify may still be generating (a silent model, a cut connection):
+                            // stop it, so that nobody pays for an answer no one will see.
+                            self.phase = self.phase.stop();
+                            self.send_stop();
                             break;
                         }
                     };

@@ -868,3 +868,25 @@ async fn an_unpaced_answer_arrives_whole_and_in_order() {
         assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_hangs_is_given_up_on_and_stopped_at_dify() {
+    let (app, _, token) = setup("chat").await;
+    let user = actor(&app, &token);
+    app.dify.push(Script::Stall { deltas: 3 });
+    let events = chat(&user, TRANSPORT_WS, json!({ "query": "hang" })).await;
+    check_shape(&events);
+    let failed = events.last().unwrap();
+    assert_eq!(failed["error"]["code"], "upstream_unavailable", "{failed}");
+    assert_eq!(failed["message"]["content"], "word0 word1 word2 ");
+    // Dify is told to stop, so the model stops generating (and billing).
+    let mut stops = Vec::new();
+    for _ in 0..50 {
+        stops = app.dify.requests_to("/stop");
+        if !stops.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stops.len(), 1, "one stop request");
+}

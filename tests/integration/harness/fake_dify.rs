@@ -43,6 +43,8 @@ pub enum Script {
     Long { deltas: usize, pause: Duration },
     /// Headers, one ping, then silence.
     Silent,
+    /// `deltas` message frames (with Dify's ids), then silence: a model that hangs mid-answer.
+    Stall { deltas: usize },
 }
 
 impl Script {
@@ -406,6 +408,18 @@ async fn chat_messages(
                 conversation_id.clone(),
                 deltas,
                 pause,
+                false,
+            ));
+        }
+        Script::Stall { deltas } => {
+            issue(&state);
+            tokio::spawn(long_answer(
+                tx,
+                state.clone(),
+                conversation_id.clone(),
+                deltas,
+                Duration::ZERO,
+                true,
             ));
         }
         Script::Silent => {
@@ -466,6 +480,7 @@ async fn long_answer(
     conversation_id: String,
     deltas: usize,
     pause: Duration,
+    stall: bool,
 ) {
     let task_id = uuid::Uuid::new_v4().to_string();
     let message_id = uuid::Uuid::new_v4().to_string();
@@ -486,6 +501,10 @@ async fn long_answer(
         // A closed receiver means the gateway went away; Dify keeps generating regardless.
         let _ = tx.send(Ok(frame(delta))).await;
         tokio::time::sleep(pause).await;
+    }
+    if stall {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return;
     }
     let end = with(
         json!({ "event": "message_end", "id": message_id, "metadata": { "usage": { "prompt_tokens": 5, "completion_tokens": deltas, "total_tokens": 5 + deltas, "total_price": "0.0001", "currency": "USD", "latency": 1.5 } }, "files": null }),
