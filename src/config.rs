@@ -252,6 +252,14 @@ pub fn parse_http_url(variable: &'static str, value: &str) -> Result<Url, Config
         expected: format!("an http(s) URL such as {DEFAULT_DIFY_API_URL}, got {value:?}"),
     };
     let url = Url::parse(value.trim()).map_err(|_| error())?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Not echoed: it holds a password.
+        return Err(ConfigError {
+            variable,
+            expected: "an http(s) URL without user:password (Dify authenticates with the API key)"
+                .into(),
+        });
+    }
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(error());
     }

@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures::{FutureExt, SinkExt, StreamExt};
-use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -69,6 +69,7 @@ pub fn router(app: App) -> Router {
                 .allow_origin(AllowOrigin::list(cors_origins))
                 .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .expose_headers([REQUEST_ID])
                 .max_age(Duration::from_secs(3600)),
         );
     }
@@ -160,6 +161,18 @@ async fn execute(
     let mut http = GraphQLResponse::from(response).into_response();
     if unavailable {
         *http.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    // GraphQL over HTTP: `application/graphql-response+json` only to clients that ask for it;
+    // `application/json` to the others (a MUST for `Accept: application/json`).
+    let wants_graphql_response = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/graphql-response+json"));
+    if !wants_graphql_response {
+        http.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     http
 }
@@ -261,6 +274,20 @@ async fn graphql_ws_only(State(state): State<HttpState>, request: Request) -> Re
 
 async fn websocket(state: HttpState, request: Request) -> Response {
     let (mut parts, _) = request.into_parts();
+    // Browsers send `Origin` on WebSocket upgrades but do not apply CORS to them: with
+    // CORS_ORIGINS set, a page from another origin must not ride on a user's token. No `Origin`
+    // means no browser (a server, a CLI), which CORS would not restrict either.
+    let origins = &state.app.config.cors_origins;
+    if let Some(origin) = parts.headers.get(header::ORIGIN)
+        && !origins.is_empty()
+        && !origins.contains(origin)
+    {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "this origin is not allowed (CORS_ORIGINS)",
+        );
+    }
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),

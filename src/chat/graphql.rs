@@ -18,6 +18,8 @@ use crate::graphql::context::ContextExt;
 
 /// The longest query accepted, in characters.
 pub const QUERY_MAX_CHARS: usize = 32_000;
+/// The largest `inputs` accepted, as JSON.
+pub const INPUTS_MAX_BYTES: usize = 64 * 1024;
 
 /// A chat turn.
 #[derive(InputObject)]
@@ -27,7 +29,8 @@ pub struct ChatInput {
     /// What the user asks (1 to 32000 characters). Workflow apps receive it as the input
     /// variable `query`, unless `inputs` sets `query` itself.
     pub query: String,
-    /// The Dify app's input variables, keyed by variable name; default `{}`.
+    /// The Dify app's input variables, keyed by variable name; default `{}`; at most 64 KiB as
+    /// JSON.
     pub inputs: Option<Json<Value>>,
 }
 
@@ -72,6 +75,15 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
             ));
         }
     };
+    if serde_json::to_string(&inputs).map_or(true, |text| text.len() > INPUTS_MAX_BYTES) {
+        return Err(AppError::bad_input(
+            "inputs",
+            format!(
+                "inputs may take at most {} KiB as JSON",
+                INPUTS_MAX_BYTES / 1024
+            ),
+        ));
+    }
     let conversation_id = input
         .conversation_id
         .map(|id| ConversationId::parse("conversationId", &id))

@@ -589,6 +589,10 @@ async fn chat_checks_come_before_anything_is_written() {
         (json!({ "query": "   " }), "BAD_USER_INPUT"),
         (json!({ "query": "x".repeat(32_001) }), "BAD_USER_INPUT"),
         (json!({ "query": "hi", "inputs": [1, 2] }), "BAD_USER_INPUT"),
+        (
+            json!({ "query": "hi", "inputs": { "big": "x".repeat(65_536) } }),
+            "BAD_USER_INPUT",
+        ),
     ] {
         let mut ws = user.ws(TRANSPORT_WS).await;
         ws.subscribe(CHAT, json!({ "input": input })).await;
@@ -599,6 +603,22 @@ async fn chat_checks_come_before_anything_is_written() {
         .await;
     assert_eq!(count, ["2"], "only the other user's turn is stored");
     assert_eq!(app.dify.requests_to("/chat-messages").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dify_url_with_credentials_is_refused_without_echoing_them() {
+    let (app, admin, _) = setup("chat").await;
+    let admin = actor(&app, &admin);
+    let url = app.dify.url.replace("http://", "http://someone:hunter2@");
+    let answer = admin
+        .gql(
+            "mutation($input: DifyConfigInput!) { setDifyConfig(input: $input) { isConfigured } }",
+            json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": url } }),
+        )
+        .await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT");
+    assert_eq!(answer["errors"][0]["extensions"]["field"], "apiUrl");
+    assert!(!answer.to_string().contains("hunter2"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -220,3 +220,70 @@ fragment TypeRef on __Type {
   ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } }
 }
 "#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_json_unless_the_client_asks_for_graphql_response_json() {
+    let app = TestApp::spawn().await;
+    let post = |accept: Option<&'static str>| {
+        let mut request = app
+            .http
+            .post(app.url("/graphql"))
+            .json(&json!({ "query": "{ __typename }" }));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.send()
+    };
+    for (accept, expected) in [
+        (Some("application/json"), "application/json"),
+        (None, "application/json"),
+        (
+            Some("application/graphql-response+json, application/json;q=0.9"),
+            "application/graphql-response+json",
+        ),
+    ] {
+        let response = post(accept).await.unwrap();
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with(expected),
+            "{accept:?}: {content_type}"
+        );
+    }
+    // An allowed browser origin can read the request id of an answer.
+    let response = app
+        .http
+        .post(app.url("/graphql"))
+        .header("origin", "https://app.example.com")
+        .json(&json!({ "query": "{ __typename }" }))
+        .send()
+        .await
+        .unwrap();
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrades_from_other_browser_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = TestApp::spawn().await;
+    let connect = |origin: Option<&'static str>| {
+        let mut request = app.ws_url().into_client_request().unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(request)
+    };
+    let refused = connect(Some("https://evil.example.com")).await.unwrap_err();
+    assert!(refused.to_string().contains("403"), "{refused}");
+    assert!(connect(Some("https://app.example.com")).await.is_ok());
+    assert!(connect(None).await.is_ok(), "no Origin: not a browser");
+}
