@@ -111,15 +111,7 @@ async fn graphiql_schema_and_health_endpoints() {
     assert!(html.contains("graphiql") || html.contains("GraphiQL"));
     assert!(html.contains("/graphql"));
 
-    let sdl = app
-        .http
-        .get(app.url("/schema.graphql"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let sdl = app.get_text("/schema.graphql").await;
     assert_eq!(sdl, rechat::graphql::sdl());
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);

@@ -151,15 +151,7 @@ async fn a_frozen_database_delays_no_delta_and_loses_no_answer() {
     assert_eq!(stored, [content]);
 
     // What happened shows on /metrics.
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     for line in [
         "rechat_deltas_relayed_total 60",
         "rechat_answers_total{outcome=\"completed\"} 1",
@@ -288,14 +280,6 @@ async fn an_answer_that_cannot_be_saved_ends_not_saved() {
         20,
         "the client still gets the whole answer"
     );
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(metrics.contains("rechat_answers_total{outcome=\"not_saved\"} 1"));
 }

@@ -61,6 +61,12 @@ impl TestApp {
         format!("ws://{}/graphql", self.addr)
     }
 
+    /// GETs a path and returns the body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        response.text().await.expect("a text body")
+    }
+
     /// POSTs a GraphQL request with an optional token and returns the JSON answer.
     pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
         let mut request = self
