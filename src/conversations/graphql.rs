@@ -61,6 +61,7 @@ impl From<&ConversationRecord> for Conversation {
 impl Conversation {
     /// The conversation's messages, oldest first. Page forward with `first`/`after` or backward
     /// with `last`/`before` (e.g. `last: 20` for the newest twenty); the default is `first: 20`.
+    #[graphql(complexity = "crate::graphql::limits::page_cost(first, last, child_complexity)")]
     async fn messages(
         &self,
         ctx: &Context<'_>,
@@ -351,6 +352,7 @@ pub struct ConversationQuery;
 impl ConversationQuery {
     /// Your conversations: pinned first, then most recent activity. Archived ones only with
     /// `archived: true`. `search` matches titles and message text (case-insensitive substring).
+    #[graphql(complexity = "crate::graphql::limits::page_cost(first, None, child_complexity)")]
     async fn conversations(
         &self,
         ctx: &Context<'_>,
@@ -411,6 +413,7 @@ impl ConversationQuery {
     }
 
     /// The messages of one of your conversations, oldest first (see `Conversation.messages`).
+    #[graphql(complexity = "crate::graphql::limits::page_cost(first, last, child_complexity)")]
     async fn messages(
         &self,
         ctx: &Context<'_>,

@@ -1,6 +1,7 @@
 //! The GraphQL schema: per-domain roots merged into `Query`, `Mutation` and `Subscription`.
 
 pub mod context;
+pub mod limits;
 pub mod pagination;
 
 use async_graphql::{MergedObject, MergedSubscription, Schema, SchemaBuilder};
@@ -44,6 +45,7 @@ pub fn schema_builder() -> SchemaBuilder<Query, Mutation, Subscription> {
     )
     .limit_depth(MAX_DEPTH)
     .limit_complexity(MAX_COMPLEXITY)
+    .extension(limits::QueryLimits)
 }
 
 pub fn schema(app: App) -> AppSchema {

@@ -55,6 +55,7 @@ impl UserQuery {
     }
 
     /// Every account, oldest first. Admin only.
+    #[graphql(complexity = "crate::graphql::limits::page_cost(first, None, child_complexity)")]
     async fn users(
         &self,
         ctx: &Context<'_>,

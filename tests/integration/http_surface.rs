@@ -279,3 +279,60 @@ async fn websocket_upgrades_from_other_browser_origins_are_refused() {
     assert!(connect(Some("https://app.example.com")).await.is_ok());
     assert!(connect(None).await.is_ok(), "no Origin: not a browser");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aliases_directives_and_page_sizes_are_limited_before_execution() {
+    let app = TestApp::spawn().await;
+    let user = app.register("cost@example.com").await;
+    let aliases = |n: usize| {
+        let fields: Vec<String> = (0..n).map(|i| format!("a{i}: me {{ id }}")).collect();
+        format!("{{ {} }}", fields.join(" "))
+    };
+    let answer = user.gql(&aliases(15), json!({})).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    let answer = user.gql(&aliases(16), json!({})).await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT");
+    // Aliases inside a fragment count each time it is spread: 4 × 3 + 4 = 16.
+    let spread = "fragment F on Query { a: me { id } b: me { id } c: me { id } d: me { id } } \
+                  { ...F w: __typename x: __typename ... on Query { ...F } y: __typename z: __typename \
+                  ...G } fragment G on Query { ...F }";
+    assert_eq!(
+        error_code(&user.gql(spread, json!({})).await),
+        "BAD_USER_INPUT"
+    );
+    let includes: Vec<String> = (0..51).map(|_| "@include(if: true)".into()).collect();
+    let answer = user
+        .gql(
+            &format!("{{ me {} {{ id }} }}", includes.join(" ")),
+            json!({}),
+        )
+        .await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT");
+    // A fragment cycle is refused by validation, not looped over.
+    let cycle = user
+        .gql("fragment A on Query { ...A } { ...A }", json!({}))
+        .await;
+    assert!(!cycle["errors"].is_null(), "{cycle}");
+
+    // Page sizes count: 100 conversations × 100 messages each is refused …
+    let paging =
+        "{ conversations(first: 100) { nodes { messages(first: 100) { nodes { content } } } } }";
+    let answer = user.gql(paging, json!({})).await;
+    assert!(
+        answer["data"].is_null() && !answer["errors"].is_null(),
+        "{answer}"
+    );
+    // … and so is the amplification that ran before: the same paging under many aliases.
+    let amplified: Vec<String> = (0..840)
+        .map(|i| format!("c{i}: conversations(first: 100) {{ nodes {{ messages(first: 100) {{ nodes {{ content }} }} }} }}"))
+        .collect();
+    let answer = user
+        .gql(&format!("{{ {} }}", amplified.join(" ")), json!({}))
+        .await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT");
+    // … while what a chat frontend asks for passes.
+    let ordinary = "{ me { id email } conversations(first: 20) { totalCount pageInfo { hasNextPage endCursor } \
+                    nodes { id title isPinned updatedAt messages(last: 20) { nodes { id role content status createdAt } } } } }";
+    let answer = user.gql(ordinary, json!({})).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+}
