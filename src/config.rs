@@ -53,6 +53,9 @@ pub struct Config {
     pub dify_read_timeout: Duration,
     /// A WebSocket that sends no `connection_init` within this time is closed (4408).
     pub ws_init_timeout: Duration,
+    /// `SUBSCRIBER_BUFFER_BYTES`: how far (in bytes of events) a subscriber may fall behind its
+    /// answer before it is dropped; the answer goes on and is stored either way.
+    pub subscriber_buffer_bytes: usize,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "mysql://root@127.0.0.1:3306/rechat";
@@ -151,6 +154,20 @@ impl Config {
                 });
             }
         };
+        let subscriber_buffer_bytes: usize = parse(
+            "SUBSCRIBER_BUFFER_BYTES",
+            get("SUBSCRIBER_BUFFER_BYTES"),
+            Some(1 << 20),
+            "a number of bytes, at least 65536",
+        )?;
+        if subscriber_buffer_bytes < 65_536 {
+            return Err(ConfigError {
+                variable: "SUBSCRIBER_BUFFER_BYTES",
+                expected: format!(
+                    "a number of bytes, at least 65536, got {subscriber_buffer_bytes}"
+                ),
+            });
+        }
         Ok(Self {
             database_url,
             secret_key,
@@ -166,6 +183,7 @@ impl Config {
             stale_stream_after: Duration::from_secs(120),
             dify_read_timeout: Duration::from_secs(60),
             ws_init_timeout: Duration::from_secs(10),
+            subscriber_buffer_bytes,
         })
     }
 
@@ -188,6 +206,7 @@ impl Config {
             stale_stream_after: Duration::from_secs(120),
             dify_read_timeout: Duration::from_secs(3),
             ws_init_timeout: Duration::from_secs(1),
+            subscriber_buffer_bytes: 1 << 20,
         }
     }
 
@@ -305,6 +324,8 @@ mod tests {
             ("CORS_ORIGINS", "app.example.com"),
             ("JWT_EXPIRE_MINUTES", "-5"),
             ("LOG_FORMAT", "xml"),
+            ("SUBSCRIBER_BUFFER_BYTES", "1000"),
+            ("SUBSCRIBER_BUFFER_BYTES", "lots"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");

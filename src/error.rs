@@ -28,6 +28,12 @@ pub enum AppError {
     UpstreamUnavailable(String),
     /// MySQL cannot be reached: the client may retry shortly (HTTP 503).
     Unavailable,
+    /// A per-user or per-connection limit: `limit` names it, `max` is its value.
+    LimitExceeded {
+        limit: &'static str,
+        max: u64,
+        message: String,
+    },
     /// Shared so the error can be cloned, as async-graphql requires of resolver errors.
     Internal(std::sync::Arc<anyhow::Error>),
 }
@@ -66,6 +72,7 @@ impl AppError {
             } => format!("Dify answered {status} {code}: {message}"),
             Self::UpstreamUnavailable(message) => format!("Dify could not be reached: {message}"),
             Self::Unavailable => "the database is unavailable; try again in a moment".into(),
+            Self::LimitExceeded { message, .. } => message.clone(),
             Self::Internal(_) => "internal server error".into(),
         }
     }
@@ -82,6 +89,7 @@ impl AppError {
             Self::Upstream { .. } => "UPSTREAM_ERROR",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::Unavailable => SERVICE_UNAVAILABLE,
+            Self::LimitExceeded { .. } => "LIMIT_EXCEEDED",
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -129,6 +137,10 @@ impl ErrorExtensions for AppError {
             match self {
                 Self::BadUserInput { field, .. } => ext.set("field", *field),
                 Self::RateLimited { retry_after } => ext.set("retryAfter", *retry_after),
+                Self::LimitExceeded { limit, max, .. } => {
+                    ext.set("limit", *limit);
+                    ext.set("max", *max);
+                }
                 Self::Upstream { code, status, .. } => {
                     ext.set("upstreamCode", code.as_str());
                     ext.set("upstreamStatus", *status);
@@ -172,6 +184,14 @@ mod tests {
                 "UPSTREAM_UNAVAILABLE",
             ),
             (AppError::Unavailable, "SERVICE_UNAVAILABLE"),
+            (
+                AppError::LimitExceeded {
+                    limit: "X",
+                    max: 1,
+                    message: "m".into(),
+                },
+                "LIMIT_EXCEEDED",
+            ),
             (
                 AppError::internal(anyhow::anyhow!("SELECT secret")),
                 "INTERNAL_SERVER_ERROR",

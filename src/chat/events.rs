@@ -55,6 +55,29 @@ impl ChatEvent {
         *number = seq;
     }
 
+    /// Roughly the bytes this event takes while it waits for its subscriber: its text plus a
+    /// fixed allowance for the rest.
+    pub fn weight(&self) -> usize {
+        const FIXED: usize = 256;
+        FIXED
+            + match self {
+                Self::AnswerDelta(e) => e.delta.len(),
+                Self::AnswerReplaced(e) => e.answer.len(),
+                Self::AgentThoughtUpdated(e) => {
+                    let t = &e.thought;
+                    t.thought.len()
+                        + t.tool_input.as_ref().map_or(0, String::len)
+                        + t.observation.as_ref().map_or(0, String::len)
+                }
+                Self::ChatCompleted(e) => e.message.content.len(),
+                Self::ChatFailed(e) => e.message.content.len(),
+                Self::ChatStarted(_)
+                | Self::MessageFileAdded(_)
+                | Self::WorkflowProgress(_)
+                | Self::DifyEvent(_) => 1024,
+            }
+    }
+
     /// The GraphQL type name, for logs, metrics and tests.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -1,7 +1,6 @@
 //! The `chat` subscription, `stopChat` and `setMessageFeedback`.
 
 use async_graphql::{Context, ID, InputObject, Json, Object, Subscription};
-use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use serde_json::Value;
 
@@ -44,18 +43,17 @@ impl ChatSubscription {
     /// The turn is saved before Dify is called and the answer is saved even if you disconnect.
     /// Problems found before anything is saved are GraphQL errors; every Dify failure (including
     /// Dify refusing the request) arrives as `ChatFailed`.
-    async fn chat(
-        &self,
-        ctx: &Context<'_>,
-        input: ChatInput,
-    ) -> async_graphql::Result<BoxStream<'static, ChatEvent>> {
+    async fn chat(&self, ctx: &Context<'_>, input: ChatInput) -> async_graphql::Result<ChatStream> {
         // The macro recognises a fallible stream only by the name `Result`, hence the wrapper.
         Ok(start(ctx, input).await?)
     }
 }
 
 /// Checks everything, saves the turn and spawns the relay; the stream is the relay's events.
-async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'static, ChatEvent>> {
+/// The events of an answer; an error ends it when the subscriber fell too far behind.
+type ChatStream = BoxStream<'static, Result<ChatEvent, async_graphql::Error>>;
+
+async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     let app = ctx.app().clone();
     let viewer = ctx.user()?;
     let query = input.query.trim().to_owned();
@@ -117,7 +115,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
             .filter(|_| dify.mode.has_conversations()),
     };
     let span = tracing::info_span!("chat", message.id = %answer.id, conversation.id = %conversation.id, user.id = %viewer.id);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = super::subscriber::channel(app.config.subscriber_buffer_bytes);
     let handle = app.streams.register(answer.id);
     let message_id = answer.id;
     let streams = app.streams.clone();
@@ -137,10 +135,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<BoxStream<'stat
         },
         span,
     ));
-    Ok(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|event| (event, rx))
-    })
-    .boxed())
+    Ok(rx.into_stream())
 }
 
 #[derive(Default)]

@@ -6,6 +6,7 @@ pub mod db;
 pub mod events;
 pub mod graphql;
 pub mod relay;
+pub mod subscriber;
 pub mod writer;
 
 use std::collections::HashMap;

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
 use super::answer::{Answer, Outcome};
 use super::events::*;
+use super::subscriber;
 use super::{StreamHandle, dify_user};
 use crate::app::{App, Dify};
 use crate::chat::db::{self as chat_db, FinalAnswer};
@@ -45,14 +45,14 @@ pub struct Turn {
 /// Sends events to the subscriber, stamping `messageId` and `seq`: the one place that numbers
 /// events. A subscriber that left is ignored; the answer goes on.
 pub struct Emitter {
-    tx: UnboundedSender<ChatEvent>,
+    tx: subscriber::Sender,
     message_id: async_graphql::ID,
     seq: i32,
     metrics: Arc<Metrics>,
 }
 
 impl Emitter {
-    pub fn new(tx: UnboundedSender<ChatEvent>, id: MessageId, metrics: Arc<Metrics>) -> Self {
+    pub fn new(tx: subscriber::Sender, id: MessageId, metrics: Arc<Metrics>) -> Self {
         Self {
             tx,
             message_id: id.into(),
@@ -68,7 +68,7 @@ impl Emitter {
             self.metrics.deltas_relayed.inc();
         }
         self.metrics.events_relayed.inc();
-        let _ = self.tx.send(event);
+        self.tx.send(event);
     }
 }
 
@@ -130,7 +130,7 @@ pub async fn run(
     app: App,
     dify: Dify,
     turn: Turn,
-    tx: UnboundedSender<ChatEvent>,
+    tx: subscriber::Sender,
     handle: Arc<StreamHandle>,
 ) {
     let Turn {

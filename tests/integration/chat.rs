@@ -910,3 +910,42 @@ async fn a_model_that_hangs_is_given_up_on_and_stopped_at_dify() {
     }
     assert_eq!(stops.len(), 1, "one stop request");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_that_stops_reading_is_dropped_and_the_answer_is_stored() {
+    let app = TestApp::spawn_with(|c| c.subscriber_buffer_bytes = 256 * 1024).await;
+    let (admin, user) = app.admin_and_user().await;
+    app.configure_dify(&admin, "chat").await;
+    // 12 MiB: more than the kernel's socket buffers hold, so the gateway must queue or drop.
+    app.dify.push(Script::Flood {
+        deltas: 1500,
+        bytes: 8 * 1024,
+    });
+    let mut ws = user.ws(TRANSPORT_WS).await;
+    ws.subscribe(CHAT, json!({ "input": { "query": "flood me" } }))
+        .await;
+    let OpMessage::Next(started) = ws.next_op().await else {
+        panic!("no ChatStarted")
+    };
+    let id = started["data"]["chat"]["messageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The client stops reading until the answer is stored.
+    wait_for_status(&app, &id, "COMPLETED").await;
+    let content = stored(&app, &id, "content").await;
+    assert_eq!(content.split_whitespace().count(), 1500, "stored whole");
+    // Reading again: what was queued, then the error that dropped the subscription.
+    let mut deltas = 0;
+    let error = loop {
+        match ws.next_op().await {
+            OpMessage::Next(payload) if payload["errors"].is_null() => deltas += 1,
+            OpMessage::Next(payload) => break payload["errors"][0].clone(),
+            OpMessage::Error(errors) => break errors[0].clone(),
+            OpMessage::Complete => panic!("completed without the drop after {deltas} events"),
+        }
+    };
+    assert!(deltas < 1500, "dropped before the end");
+    assert_eq!(error["extensions"]["code"], "LIMIT_EXCEEDED", "{error}");
+    assert_eq!(error["extensions"]["limit"], "SUBSCRIBER_BUFFER_BYTES");
+}

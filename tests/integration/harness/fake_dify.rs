@@ -45,6 +45,8 @@ pub enum Script {
     Silent,
     /// `deltas` message frames (with Dify's ids), then silence: a model that hangs mid-answer.
     Stall { deltas: usize },
+    /// `deltas` unpaced message frames of about `bytes` each (`word<i>xxx… `), then message_end.
+    Flood { deltas: usize, bytes: usize },
 }
 
 impl Script {
@@ -409,6 +411,19 @@ async fn chat_messages(
                 deltas,
                 pause,
                 false,
+                0,
+            ));
+        }
+        Script::Flood { deltas, bytes } => {
+            issue(&state);
+            tokio::spawn(long_answer(
+                tx,
+                state.clone(),
+                conversation_id.clone(),
+                deltas,
+                Duration::ZERO,
+                false,
+                bytes,
             ));
         }
         Script::Stall { deltas } => {
@@ -420,6 +435,7 @@ async fn chat_messages(
                 deltas,
                 Duration::ZERO,
                 true,
+                0,
             ));
         }
         Script::Silent => {
@@ -481,7 +497,9 @@ async fn long_answer(
     deltas: usize,
     pause: Duration,
     stall: bool,
+    pad: usize,
 ) {
+    let pad = "x".repeat(pad);
     let task_id = uuid::Uuid::new_v4().to_string();
     let message_id = uuid::Uuid::new_v4().to_string();
     let frame = |event: Value| Bytes::from(format!("data: {event}\n\n"));
@@ -496,8 +514,9 @@ async fn long_answer(
         if state.stopped_tasks.lock().unwrap().contains(&task_id) {
             break;
         }
-        let delta =
-            with(json!({ "event": "message", "id": message_id, "answer": format!("word{i} ") }));
+        let delta = with(
+            json!({ "event": "message", "id": message_id, "answer": format!("word{i}{pad} ") }),
+        );
         // A closed receiver means the gateway went away; Dify keeps generating regardless.
         let _ = tx.send(Ok(frame(delta))).await;
         tokio::time::sleep(pause).await;
