@@ -204,11 +204,12 @@ impl Relay {
                         Some(Ok(event)) => event,
                         Some(Err(error)) => {
                             tracing::warn!(%error, "the Dify stream broke");
+                            if outcome.is_none() {
+                                // Dify may still be generating (a silent model, a cut
+                                // connection): stop it, so nobody pays for an unseen answer.
+                                self.stop_at_dify();
+                            }
                             outcome = Some(merge(outcome, Outcome::from_dify(&error)));
-                            // Dify may still be generating (a silent model, a cut connection):
-                            // stop it, so that nobody pays for an answer no one will see.
-                            self.phase = self.phase.stop();
-                            self.send_stop();
                             break;
                         }
                     };
@@ -293,9 +294,16 @@ impl Relay {
         }
     }
 
-    /// Asks Dify to stop, once, as soon as both a stop was requested and the task id is known.
+    /// Asks Dify to stop as soon as both a stop was requested and the task id is known.
     fn send_stop(&mut self) {
-        if self.stop_sent || !self.phase.is_stopping() {
+        if self.phase.is_stopping() {
+            self.stop_at_dify();
+        }
+    }
+
+    /// Asks Dify to stop the task, once (when its id is known).
+    fn stop_at_dify(&mut self) {
+        if self.stop_sent {
             return;
         }
         let Some(task_id) = self.answer.ids.task_id.clone() else {
@@ -317,7 +325,9 @@ impl Relay {
     /// Writes the answer and returns the terminal event describing what was stored.
     async fn finish(mut self, outcome: Outcome) -> ChatEvent {
         self.answer.settle();
-        self.app.writer.forget(self.message_id);
+        self.app
+            .writer
+            .forget(self.message_id, self.conversation.id);
         let dify_conversation = self
             .answer
             .ids

@@ -120,11 +120,14 @@ impl Writer {
         }
     }
 
-    /// Drops what is pending for an answer whose final write carries everything.
-    pub fn forget(&self, id: MessageId) {
+    /// Drops what is pending for an answer whose final write carries everything, its
+    /// conversation's Dify id included: written later, that id could undo a newer change (a
+    /// turn that found its Dify conversation gone and cleared it).
+    pub fn forget(&self, id: MessageId, conversation: ConversationId) {
         let mut pending = self.pending();
         pending.content.remove(&id);
         pending.ids.remove(&id);
+        pending.conversations.remove(&conversation);
     }
 
     /// Writes everything pending now. On failure it stays pending for the next call.
