@@ -949,3 +949,18 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_the_answer_is_stored() {
     assert_eq!(error["extensions"]["code"], "LIMIT_EXCEEDED", "{error}");
     assert_eq!(error["extensions"]["limit"], "SUBSCRIBER_BUFFER_BYTES");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_breaks_after_message_end_leaves_the_answer_completed() {
+    let (app, _, token) = setup("chat").await;
+    let user = actor(&app, &token);
+    app.dify.push(Script::Broken {
+        fixture: "chat-basic.sse",
+    });
+    let events = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
+    check_shape(&events);
+    let last = events.last().unwrap();
+    assert_eq!(last["__typename"], "ChatCompleted", "{last}");
+    assert_eq!(last["message"]["status"], "COMPLETED");
+    assert!(app.dify.requests_to("/stop").is_empty(), "nothing to stop");
+}
