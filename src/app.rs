@@ -66,24 +66,11 @@ impl App {
         db::ensure_database(&config).await?;
         db::migrate(config.database_url.as_str()).await?;
         let metrics = Arc::new(Metrics::default());
-        let pool = Db::new(
-            db::pool(
-                config.database_url.as_str(),
-                config.db_pool_size,
-                db::Checkout::Verified,
-            )?,
-            metrics.pool_wait_seconds.clone(),
-        );
-        let writer_db = Db::new(
-            db::pool(
-                config.database_url.as_str(),
-                config.writer_pool_size,
-                db::Checkout::Fast,
-            )?,
-            metrics.pool_wait_seconds.clone(),
-        );
-        pool.warm_up().await.context("connecting to MySQL")?;
-        writer_db.warm_up().await.context("connecting to MySQL")?;
+        let url = config.database_url.as_str();
+        let wait = || metrics.pool_wait_seconds.clone();
+        let pool = Db::connect(url, config.db_pool_size, db::Checkout::Verified, wait()).await?;
+        let writer_db =
+            Db::connect(url, config.writer_pool_size, db::Checkout::Fast, wait()).await?;
         let writer = Writer::new(writer_db.clone(), metrics.clone());
         let streams = crate::chat::Streams::default();
         let writer_task = writer.clone().spawn(config.flush_interval, {

@@ -128,9 +128,10 @@ async fn execute(
                 AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            let (code, message) = (error.code(), error.message());
-            let _ = async_graphql::Error::from(error); // logs an internal error's cause
-            return error_response(status, code, &message);
+            let code = error.code();
+            // The one mapping of errors, which also logs an internal error's cause.
+            let error = async_graphql::Error::from(error);
+            return error_response(status, code, &error.message);
         }
     };
     let request = request.data(viewer);

@@ -78,7 +78,8 @@ impl ChatEvent {
             }
     }
 
-    /// The GraphQL type name, for logs, metrics and tests.
+    /// The GraphQL type name, for tests.
+    #[cfg(test)]
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::ChatStarted(_) => "ChatStarted",

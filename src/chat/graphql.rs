@@ -49,10 +49,10 @@ impl ChatSubscription {
     }
 }
 
-/// Checks everything, saves the turn and spawns the relay; the stream is the relay's events.
 /// The events of an answer; an error ends it when the subscriber fell too far behind.
 type ChatStream = BoxStream<'static, Result<ChatEvent, async_graphql::Error>>;
 
+/// Checks everything, saves the turn and spawns the relay; the stream is the relay's events.
 async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     let app = ctx.app().clone();
     let viewer = ctx.user()?;

@@ -41,8 +41,24 @@ pub struct Db {
 }
 
 impl Db {
-    pub fn new(pool: DbPool, wait: Histogram) -> Self {
-        Self { pool, wait }
+    /// A pool of `size` connections, all opened now: the first burst of requests does not pay
+    /// for connection set-up, and start-up fails at once when MySQL does not answer. `wait`
+    /// records how long callers wait for a connection.
+    pub async fn connect(
+        database_url: &str,
+        size: usize,
+        checkout: Checkout,
+        wait: Histogram,
+    ) -> anyhow::Result<Self> {
+        let db = Self {
+            pool: pool(database_url, size, checkout)?,
+            wait,
+        };
+        let conns = futures::future::try_join_all((0..size).map(|_| db.pool.get()))
+            .await
+            .context("connecting to MySQL")?;
+        drop(conns);
+        Ok(db)
     }
 
     pub async fn get(&self) -> Result<DbConn, PoolError> {
@@ -50,15 +66,6 @@ impl Db {
         let conn = self.pool.get().await;
         self.wait.observe(started.elapsed().as_secs_f64());
         conn
-    }
-
-    /// Opens every connection of the pool now, so the first burst of requests does not pay for
-    /// connection set-up; also checks at start-up that the database answers.
-    pub async fn warm_up(&self) -> Result<(), PoolError> {
-        let size = self.pool.status().max_size;
-        let conns = futures::future::try_join_all((0..size).map(|_| self.pool.get())).await?;
-        drop(conns);
-        Ok(())
     }
 
     /// Runs `work` on a pooled connection, giving up after `limit`. A connection whose work timed
@@ -114,7 +121,7 @@ pub fn is_unavailable(error: &diesel::result::Error) -> bool {
     }
 }
 
-pub fn pool(database_url: &str, size: usize, checkout: Checkout) -> anyhow::Result<DbPool> {
+fn pool(database_url: &str, size: usize, checkout: Checkout) -> anyhow::Result<DbPool> {
     let mut manager_config = ManagerConfig::default();
     manager_config.recycling_method = match checkout {
         Checkout::Verified => RecyclingMethod::Verified,
