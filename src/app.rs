@@ -42,6 +42,8 @@ pub struct Inner {
     pub login_throttle: crate::auth::throttle::LoginThrottle,
     /// Answers this process is streaming.
     pub streams: crate::chat::Streams,
+    /// Accounts changed, for open sockets.
+    pub account_events: crate::auth::sessions::AccountEvents,
     writer_task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,6 +61,14 @@ impl Deref for App {
 }
 
 pub use crate::admin::dify::Dify;
+
+pub struct WeakApp(std::sync::Weak<Inner>);
+
+impl WeakApp {
+    pub fn upgrade(&self) -> Option<App> {
+        self.0.upgrade().map(App)
+    }
+}
 
 impl App {
     /// Creates the database if needed, migrates it and loads the keys.
@@ -96,7 +106,7 @@ impl App {
         };
         let keys = Keys::new(secret.as_bytes(), config.jwt_expire);
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Ok(Self(Arc::new(Inner {
+        let app = Self(Arc::new(Inner {
             keys,
             passwords: PasswordHasher::new(parallelism),
             dify_http: crate::dify::client::http_client(
@@ -112,8 +122,16 @@ impl App {
             streams,
             writer_task,
             login_throttle: Default::default(),
+            account_events: Default::default(),
             config,
-        })))
+        }));
+        crate::auth::sessions::spawn_watch(&app);
+        Ok(app)
+    }
+
+    /// A handle that does not keep the app alive, for background tasks that end with it.
+    pub fn downgrade(&self) -> WeakApp {
+        WeakApp(Arc::downgrade(&self.0))
     }
 
     /// The Dify client for the stored key, or `DIFY_NOT_CONFIGURED` (cached; see `admin::dify`).

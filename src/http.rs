@@ -19,12 +19,14 @@ use axum::routing::get;
 use futures::{FutureExt, SinkExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use serde_json::json;
+use tokio::sync::broadcast;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::auth::token::Session;
 use crate::error::{AppError, SERVICE_UNAVAILABLE};
 use crate::graphql::context::Viewer;
 use crate::graphql::{self, AppSchema};
@@ -357,30 +359,41 @@ async fn serve_websocket(
                 _ => None,
             })
         });
+    // The session the connection signed in with, once `connection_init` was accepted.
+    let signed_in = Arc::new(std::sync::OnceLock::<Session>::new());
+    let mut account_changes = state.app.account_events.subscribe();
     let on_init = {
-        let (app, initialised, rejected, unavailable) = (
+        let (app, initialised, rejected, unavailable, signed_in) = (
             state.app.clone(),
             initialised.clone(),
             rejected.clone(),
             unavailable.clone(),
+            signed_in.clone(),
         );
         move |payload: serde_json::Value| async move {
             let credentials = init_credentials(&payload).or(header_credentials);
-            let viewer = Viewer::from_credentials(&app, credentials.as_deref())
-                .await
-                .map_err(|_| {
+            let session = Session::from_credentials(&app, credentials.as_deref());
+            let viewer = match &session {
+                None => Viewer::Anonymous,
+                Some(None) => Viewer::Rejected,
+                Some(Some(session)) => Viewer::of_session(&app, session).await.map_err(|_| {
                     unavailable.store(true, Ordering::SeqCst);
                     async_graphql::Error::new("the server could not check the token")
-                })?;
+                })?,
+            };
             if matches!(viewer, Viewer::Rejected) {
                 rejected.store(true, Ordering::SeqCst);
                 return Err(async_graphql::Error::new(
                     "Forbidden: the token is invalid, expired or revoked",
                 ));
             }
-            initialised.store(true, Ordering::SeqCst);
             let mut data = Data::default();
-            data.insert(viewer);
+            // Each operation resolves the account anew from the session (`SessionViewer`).
+            if let Some(Some(session)) = session {
+                let _ = signed_in.set(session);
+                data.insert(session);
+            }
+            initialised.store(true, Ordering::SeqCst);
             Ok(data)
         }
     };
@@ -390,12 +403,39 @@ async fn serve_websocket(
     futures::pin_mut!(messages);
     let deadline = tokio::time::sleep(state.app.config.ws_init_timeout);
     tokio::pin!(deadline);
+    // Until sign-in, the init deadline; then the token's expiry.
+    let mut watching = false;
     let mut batch = Vec::with_capacity(WS_BATCH);
     'connection: loop {
+        if !watching && let Some(session) = signed_in.get() {
+            watching = true;
+            let left = (session.expires_at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default();
+            deadline.as_mut().reset(tokio::time::Instant::now() + left);
+        }
         let first = tokio::select! {
             message = messages.next() => message,
-            () = &mut deadline, if !initialised.load(Ordering::SeqCst) => {
-                Some(WsMessage::Close(4408, "Connection initialisation timeout".into()))
+            () = &mut deadline, if watching || !initialised.load(Ordering::SeqCst) => {
+                if watching {
+                    Some(WsMessage::Close(4403, "Forbidden: the token expired".into()))
+                } else {
+                    Some(WsMessage::Close(4408, "Connection initialisation timeout".into()))
+                }
+            }
+            changed = account_changes.recv(), if watching => {
+                let session = signed_in.get().expect("watching a signed-in session");
+                let ours = match changed {
+                    Ok(id) => id == session.user,
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+                // A database outage keeps the socket: each operation checks again anyway.
+                if ours && matches!(Viewer::of_session(&state.app, session).await, Ok(Viewer::Rejected)) {
+                    Some(WsMessage::Close(4403, "Forbidden: the session was revoked".into()))
+                } else {
+                    continue;
+                }
             }
         };
         // Everything already produced goes out in one write: under load, one system call per

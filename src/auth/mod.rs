@@ -3,5 +3,6 @@
 pub mod accounts;
 pub mod graphql;
 pub mod password;
+pub mod sessions;
 pub mod throttle;
 pub mod token;

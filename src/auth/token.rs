@@ -27,6 +27,24 @@ pub struct Claims {
     pub ver: i32,
 }
 
+/// Clock skew tolerated on `exp`.
+const LEEWAY_SECS: u64 = 5;
+
+/// What a verified token says: whose it is, the token version it was issued under, and when it
+/// stops being accepted (leeway included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub user: UserId,
+    pub token_version: i32,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Session {
+    pub fn is_expired(&self) -> bool {
+        Utc::now() >= self.expires_at
+    }
+}
+
 fn derive(secret: &[u8], purpose: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     Hkdf::<Sha256>::new(Some(b"rechat"), secret)
@@ -70,14 +88,18 @@ impl Keys {
         )?)
     }
 
-    /// The claims of a token with a valid signature that has not expired.
-    pub fn verify(&self, token: &str) -> Option<(UserId, i32)> {
+    /// The session a token carries, when its signature is valid and it has not expired.
+    pub fn verify(&self, token: &str) -> Option<Session> {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "iat", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).ok()?;
         let id = uuid::Uuid::parse_str(&data.claims.sub).ok()?;
-        Some((UserId(id), data.claims.ver))
+        Some(Session {
+            user: UserId(id),
+            token_version: data.claims.ver,
+            expires_at: DateTime::from_timestamp(data.claims.exp + LEEWAY_SECS as i64, 0)?,
+        })
     }
 }
 
@@ -91,7 +113,9 @@ mod tests {
         let keys = Keys::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
         let user = UserId::new();
         let (token, _) = keys.issue(user, 3).unwrap();
-        assert_eq!(keys.verify(&token), Some((user, 3)));
+        let session = keys.verify(&token).unwrap();
+        assert_eq!((session.user, session.token_version), (user, 3));
+        assert!(!session.is_expired());
 
         let other = Keys::new(b"another-secret-another-secret-xx", Duration::from_secs(60));
         assert_eq!(other.verify(&token), None);

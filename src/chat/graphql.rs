@@ -116,7 +116,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     };
     let span = tracing::info_span!("chat", message.id = %answer.id, conversation.id = %conversation.id, user.id = %viewer.id);
     let (tx, rx) = super::subscriber::channel(app.config.subscriber_buffer_bytes);
-    let handle = app.streams.register(answer.id);
+    let handle = app.streams.register(answer.id, viewer.id);
     let message_id = answer.id;
     let streams = app.streams.clone();
     let active = app.metrics.active_streams.clone();

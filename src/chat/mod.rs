@@ -27,6 +27,7 @@ pub fn dify_user(user: UserId) -> String {
 
 /// A running answer in this process.
 pub struct StreamHandle {
+    pub owner: UserId,
     pub stop: Notify,
     /// Becomes `true` when the answer is stored.
     pub done: watch::Sender<bool>,
@@ -38,8 +39,9 @@ pub struct StreamHandle {
 pub struct Streams(Arc<Mutex<HashMap<MessageId, Arc<StreamHandle>>>>);
 
 impl Streams {
-    pub fn register(&self, id: MessageId) -> Arc<StreamHandle> {
+    pub fn register(&self, id: MessageId, owner: UserId) -> Arc<StreamHandle> {
         let handle = Arc::new(StreamHandle {
+            owner,
             stop: Notify::new(),
             done: watch::Sender::new(false),
         });
@@ -62,6 +64,17 @@ impl Streams {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .cloned()
+    }
+
+    /// Stops every answer of `owner` streaming here; returns how many.
+    pub fn stop_owner(&self, owner: UserId) -> usize {
+        let streams = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopped = 0;
+        for handle in streams.values().filter(|h| h.owner == owner) {
+            handle.stop.notify_one();
+            stopped += 1;
+        }
+        stopped
     }
 
     /// The answers streaming now.

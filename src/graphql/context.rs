@@ -1,8 +1,14 @@
 //! Who is asking: the `Viewer` resolved from a bearer token, and context helpers for resolvers.
 
-use async_graphql::Context;
+use std::sync::Arc;
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
+};
+use async_graphql::{Context, Pos, Request, ServerResult};
 
 use crate::app::App;
+use crate::auth::token::Session;
 use crate::error::{AppError, AppResult, NOT_SIGNED_IN, SESSION_INVALID};
 use crate::users::db::UserRecord;
 
@@ -19,22 +25,24 @@ pub enum Viewer {
 impl Viewer {
     /// Resolves a bearer token (a value of `Authorization`, with or without the `Bearer ` prefix).
     pub async fn from_credentials(app: &App, credentials: Option<&str>) -> AppResult<Self> {
-        let Some(credentials) = credentials.map(str::trim).filter(|c| !c.is_empty()) else {
-            return Ok(Self::Anonymous);
-        };
-        let token = match credentials.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            Some(_) => return Ok(Self::Rejected),
-            None => credentials,
-        };
-        let Some((id, version)) = app.keys.verify(token) else {
+        match Session::from_credentials(app, credentials) {
+            None => Ok(Self::Anonymous),
+            Some(None) => Ok(Self::Rejected),
+            Some(Some(session)) => Self::of_session(app, &session).await,
+        }
+    }
+
+    /// The account behind a session as it is now (cached for `accounts::TTL`): the session is
+    /// refused once the token expired, the account was deactivated or its tokens were revoked.
+    pub async fn of_session(app: &App, session: &Session) -> AppResult<Self> {
+        if session.is_expired() {
             return Ok(Self::Rejected);
-        };
-        let user = match app.accounts.get(id) {
+        }
+        let user = match app.accounts.get(session.user) {
             Some(user) => Some(user),
             None => {
                 let mut conn = app.db.get().await?;
-                let user = crate::users::db::find(&mut conn, id).await?;
+                let user = crate::users::db::find(&mut conn, session.user).await?;
                 if let Some(user) = &user {
                     app.accounts.put(user);
                 }
@@ -42,7 +50,7 @@ impl Viewer {
             }
         };
         Ok(match user {
-            Some(user) if user.is_active && user.token_version == version => {
+            Some(user) if user.is_active && user.token_version == session.token_version => {
                 Self::User(Box::new(user))
             }
             _ => Self::Rejected,
@@ -84,5 +92,50 @@ impl ContextExt for Context<'_> {
         } else {
             Err(AppError::Forbidden)
         }
+    }
+}
+
+impl Session {
+    /// `None` without credentials; `Some(None)` for credentials that are not a valid token.
+    pub fn from_credentials(app: &App, credentials: Option<&str>) -> Option<Option<Self>> {
+        let credentials = credentials.map(str::trim).filter(|c| !c.is_empty())?;
+        let token = match credentials.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            Some(_) => return Some(None),
+            None => credentials,
+        };
+        Some(app.keys.verify(token))
+    }
+}
+
+/// Gives every operation on a WebSocket the account as it is now. The connection keeps the
+/// token's [`Session`], not the account read at `connection_init`: a demotion, a deactivation or
+/// an expiry applies to the next operation (and `http` closes the socket).
+pub struct SessionViewer;
+
+impl ExtensionFactory for SessionViewer {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(SessionViewer)
+    }
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for SessionViewer {
+    async fn prepare_request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        request: Request,
+        next: NextPrepareRequest<'_>,
+    ) -> ServerResult<Request> {
+        let request = match (ctx.data_opt::<Session>(), ctx.data_opt::<App>()) {
+            (Some(session), Some(app)) => {
+                let viewer = Viewer::of_session(app, session).await.map_err(|error| {
+                    async_graphql::Error::from(error).into_server_error(Pos::default())
+                })?;
+                request.data(viewer)
+            }
+            _ => request,
+        };
+        next.run(ctx, request).await
     }
 }

@@ -46,6 +46,7 @@ pub fn schema_builder() -> SchemaBuilder<Query, Mutation, Subscription> {
     .limit_depth(MAX_DEPTH)
     .limit_complexity(MAX_COMPLEXITY)
     .extension(limits::QueryLimits)
+    .extension(context::SessionViewer)
 }
 
 pub fn schema(app: App) -> AppSchema {

@@ -80,6 +80,18 @@ pub async fn find_for_update(
         .optional()
 }
 
+/// Accounts changed after `since`: id, active flag and when.
+pub async fn changed_since(
+    conn: &mut AsyncMysqlConnection,
+    since: NaiveDateTime,
+) -> QueryResult<Vec<(UserId, bool, NaiveDateTime)>> {
+    users::table
+        .filter(users::updated_at.gt(since))
+        .select((users::id, users::is_active, users::updated_at))
+        .load(conn)
+        .await
+}
+
 pub async fn find_by_email(
     conn: &mut AsyncMysqlConnection,
     email: &str,

@@ -144,7 +144,7 @@ async fn change_user(ctx: &Context<'_>, id: UserId, change: UserChange) -> AppRe
             db::find(conn, id).await?.ok_or(AppError::NotFound("user"))
         })
         .await?;
-    ctx.app().accounts.forget(user.id);
+    ctx.app().account_changed(user.id, user.is_active);
     Ok((&user).into())
 }
 

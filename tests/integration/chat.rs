@@ -65,7 +65,7 @@ fn check_shape(events: &[Value]) {
     assert_eq!(events[0]["assistantMessage"]["status"], "STREAMING");
 }
 
-async fn setup(mode: &str) -> (TestApp, String, String) {
+pub async fn setup(mode: &str) -> (TestApp, String, String) {
     let app = TestApp::spawn().await;
     let (admin, user) = app.admin_and_user().await;
     app.configure_dify(&admin, mode).await;
@@ -73,16 +73,16 @@ async fn setup(mode: &str) -> (TestApp, String, String) {
     (app, a, u)
 }
 
-fn actor<'a>(app: &'a TestApp, token: &str) -> Actor<'a> {
+pub fn actor<'a>(app: &'a TestApp, token: &str) -> Actor<'a> {
     let claims = app.app.keys.verify(token).unwrap();
     Actor {
         app,
         token: Some(token.to_owned()),
-        id: claims.0.to_string(),
+        id: claims.user.to_string(),
     }
 }
 
-async fn stored(app: &TestApp, message_id: &str, column: &str) -> String {
+pub async fn stored(app: &TestApp, message_id: &str, column: &str) -> String {
     app.sql_strings(&format!(
         "SELECT CAST(COALESCE({column}, '') AS CHAR) AS value FROM messages WHERE id = UNHEX(REPLACE('{message_id}', '-', ''))"
     ))

@@ -9,5 +9,6 @@ mod conversations;
 mod http_surface;
 mod persistence;
 mod schema;
+mod sessions;
 mod startup;
 mod websocket;

@@ -20,7 +20,8 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     // No background tick: this test drives the writer by hand.
     let app = TestApp::spawn_with(|c| c.flush_interval = Duration::from_secs(3600)).await;
     let user = app.register("writer@example.com").await;
-    let (user_id, version) = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
+    let session = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
+    let (user_id, version) = (session.user, session.token_version);
     let mut answers = Vec::new();
     let mut conn = app.app.db.get().await.unwrap();
     for i in 0..600 {
