@@ -38,8 +38,8 @@ pub struct Inner {
     pub passwords: PasswordHasher,
     /// Shared by every Dify call (connection reuse); the key is per call.
     pub dify_http: reqwest::Client,
-    /// Failed sign-ins per email.
-    pub login_throttle: crate::auth::throttle::LoginThrottle,
+    /// Sign-in attempts per account and per address; chat turns per user.
+    pub throttles: crate::auth::throttle::Throttles,
     /// Answers this process is streaming.
     pub streams: crate::chat::Streams,
     /// Accounts changed, for open sockets.
@@ -121,7 +121,7 @@ impl App {
             accounts: Default::default(),
             streams,
             writer_task,
-            login_throttle: Default::default(),
+            throttles: Default::default(),
             account_events: Default::default(),
             config,
         }));

@@ -56,6 +56,24 @@ pub struct Config {
     /// `SUBSCRIBER_BUFFER_BYTES`: how far (in bytes of events) a subscriber may fall behind its
     /// answer before it is dropped; the answer goes on and is stored either way.
     pub subscriber_buffer_bytes: usize,
+    /// `AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS`: registrations and sign-ins per client address.
+    pub auth_attempts_per_minute_per_address: u32,
+    /// `TRUST_FORWARDED_FOR`: take the client address from the last `X-Forwarded-For` entry
+    /// (set it only behind a reverse proxy that appends it).
+    pub trust_forwarded_for: bool,
+    /// `CHAT_TURNS_PER_MINUTE`: chat turns per user per minute.
+    pub chat_turns_per_minute: u32,
+    /// `MAX_ACTIVE_ANSWERS_PER_USER`: answers one user may have streaming at once.
+    pub max_active_answers_per_user: u32,
+    /// `MAX_SUBSCRIPTIONS_PER_CONNECTION`: operations running at once on one WebSocket.
+    pub max_subscriptions_per_connection: usize,
+    /// `DEFAULT_TOKEN_QUOTA`: tokens per user per calendar month unless an admin set a quota;
+    /// `None` is unlimited.
+    pub default_token_quota: Option<u64>,
+    /// `MAX_ANSWER_BYTES`: the longest answer stored; a longer one is stopped at Dify.
+    pub max_answer_bytes: usize,
+    /// `MAX_CONNECTIONS`: open client connections (HTTP and WebSocket) per process.
+    pub max_connections: usize,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "mysql://root@127.0.0.1:3306/rechat";
@@ -168,7 +186,48 @@ impl Config {
                 ),
             });
         }
+        let limit = |variable: &'static str, default: u64| -> Result<u64, ConfigError> {
+            let value: u64 = parse(variable, get(variable), Some(default), "a positive integer")?;
+            if value == 0 {
+                return Err(ConfigError {
+                    variable,
+                    expected: "a positive integer, got \"0\"".into(),
+                });
+            }
+            Ok(value)
+        };
+        let as_u32 = |value: u64| u32::try_from(value).unwrap_or(u32::MAX);
+        let trust_forwarded_for = match get("TRUST_FORWARDED_FOR")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(other) => {
+                return Err(ConfigError {
+                    variable: "TRUST_FORWARDED_FOR",
+                    expected: format!("true or false, got {other:?}"),
+                });
+            }
+        };
+        let default_token_quota = match get("DEFAULT_TOKEN_QUOTA") {
+            None => None,
+            Some(_) => Some(limit("DEFAULT_TOKEN_QUOTA", 0)?),
+        };
         Ok(Self {
+            auth_attempts_per_minute_per_address: as_u32(limit(
+                "AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS",
+                30,
+            )?),
+            trust_forwarded_for,
+            chat_turns_per_minute: as_u32(limit("CHAT_TURNS_PER_MINUTE", 20)?),
+            max_active_answers_per_user: as_u32(limit("MAX_ACTIVE_ANSWERS_PER_USER", 3)?),
+            max_subscriptions_per_connection: limit("MAX_SUBSCRIPTIONS_PER_CONNECTION", 8)?
+                as usize,
+            default_token_quota,
+            max_answer_bytes: limit("MAX_ANSWER_BYTES", 4 << 20)? as usize,
+            max_connections: limit("MAX_CONNECTIONS", 10_000)? as usize,
             database_url,
             secret_key,
             dify_api_url,
@@ -207,6 +266,14 @@ impl Config {
             dify_read_timeout: Duration::from_secs(3),
             ws_init_timeout: Duration::from_secs(1),
             subscriber_buffer_bytes: 1 << 20,
+            auth_attempts_per_minute_per_address: 30,
+            trust_forwarded_for: false,
+            chat_turns_per_minute: 20,
+            max_active_answers_per_user: 3,
+            max_subscriptions_per_connection: 8,
+            default_token_quota: None,
+            max_answer_bytes: 4 << 20,
+            max_connections: 10_000,
         }
     }
 
@@ -308,6 +375,14 @@ mod tests {
         assert_eq!(c.jwt_expire, Duration::from_secs(10080 * 60));
         assert!(c.secret_key.is_none());
         assert!(c.cors_origins.is_empty());
+        assert_eq!(c.auth_attempts_per_minute_per_address, 30);
+        assert!(!c.trust_forwarded_for);
+        assert_eq!(c.chat_turns_per_minute, 20);
+        assert_eq!(c.max_active_answers_per_user, 3);
+        assert_eq!(c.max_subscriptions_per_connection, 8);
+        assert_eq!(c.default_token_quota, None);
+        assert_eq!(c.max_answer_bytes, 4 << 20);
+        assert_eq!(c.max_connections, 10_000);
     }
 
     #[test]
@@ -326,6 +401,14 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("SUBSCRIBER_BUFFER_BYTES", "1000"),
             ("SUBSCRIBER_BUFFER_BYTES", "lots"),
+            ("AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS", "0"),
+            ("TRUST_FORWARDED_FOR", "maybe"),
+            ("CHAT_TURNS_PER_MINUTE", "-1"),
+            ("MAX_ACTIVE_ANSWERS_PER_USER", "0"),
+            ("MAX_SUBSCRIPTIONS_PER_CONNECTION", "x"),
+            ("DEFAULT_TOKEN_QUOTA", "0"),
+            ("MAX_ANSWER_BYTES", "big"),
+            ("MAX_CONNECTIONS", "0"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");

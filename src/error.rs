@@ -34,6 +34,10 @@ pub enum AppError {
         max: u64,
         message: String,
     },
+    /// The user's token quota for the month is used up, until `resets_at`.
+    QuotaExceeded {
+        resets_at: chrono::DateTime<chrono::Utc>,
+    },
     /// Shared so the error can be cloned, as async-graphql requires of resolver errors.
     Internal(std::sync::Arc<anyhow::Error>),
 }
@@ -73,6 +77,10 @@ impl AppError {
             Self::UpstreamUnavailable(message) => format!("Dify could not be reached: {message}"),
             Self::Unavailable => "the database is unavailable; try again in a moment".into(),
             Self::LimitExceeded { message, .. } => message.clone(),
+            Self::QuotaExceeded { resets_at } => format!(
+                "your token quota for this month is used up; it resets at {}",
+                resets_at.to_rfc3339()
+            ),
             Self::Internal(_) => "internal server error".into(),
         }
     }
@@ -90,6 +98,7 @@ impl AppError {
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::Unavailable => SERVICE_UNAVAILABLE,
             Self::LimitExceeded { .. } => "LIMIT_EXCEEDED",
+            Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -141,6 +150,7 @@ impl ErrorExtensions for AppError {
                     ext.set("limit", *limit);
                     ext.set("max", *max);
                 }
+                Self::QuotaExceeded { resets_at } => ext.set("resetsAt", resets_at.to_rfc3339()),
                 Self::Upstream { code, status, .. } => {
                     ext.set("upstreamCode", code.as_str());
                     ext.set("upstreamStatus", *status);

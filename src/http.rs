@@ -1,6 +1,7 @@
 //! HTTP routes: `/graphql` (POST JSON, GET queries and GraphiQL, WebSocket), `/graphql/ws`,
 //! `/schema.graphql`, `/healthz`, `/readyz`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -28,8 +29,17 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::auth::token::Session;
 use crate::error::{AppError, SERVICE_UNAVAILABLE};
-use crate::graphql::context::Viewer;
+use crate::graphql::context::{ClientAddr, Viewer};
 use crate::graphql::{self, AppSchema};
+
+/// How long a client may take to send a request's headers, and how long a kept-alive connection
+/// may sit idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for the next piece of a request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle WebSockets (and HTTP/2 connections) are pinged; a WebSocket that answers
+/// nothing for two intervals is closed.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Largest accepted request body; a chat query is far smaller.
 pub const BODY_LIMIT: usize = 256 * 1024;
@@ -64,6 +74,9 @@ pub fn router(app: App) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_TIMEOUT,
+        ))
         .with_state(state);
     if !cors_origins.is_empty() {
         router = router.layer(
@@ -84,23 +97,94 @@ pub fn router(app: App) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// Serves the router until `shutdown` completes. Sockets get TCP_NODELAY: an answer streams as
-/// many small WebSocket frames, and Nagle's algorithm would hold each back until the previous
-/// one is acknowledged (about 40 ms with delayed ACKs).
+/// A client connection's share of `MAX_CONNECTIONS`, held by its requests (and by a WebSocket
+/// upgraded from it) until the last of them ends.
+#[derive(Clone)]
+struct ConnectionPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// Serves the router until `shutdown` completes, at most `MAX_CONNECTIONS` client connections
+/// at a time (more wait in the listen backlog). A connection that does not send a request's
+/// headers within `HEADER_READ_TIMEOUT` (slowly dribbled headers, or an idle keep-alive) is
+/// closed, and so is a request whose body stalls for `BODY_TIMEOUT`. Sockets get TCP_NODELAY: an
+/// answer streams as many small WebSocket frames, and Nagle's algorithm would hold each back
+/// until the previous one is acknowledged (about 40 ms with delayed ACKs).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    let router = router(app.clone());
+    let connections = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE);
+    tokio::pin!(shutdown);
+    let mut full_logged = false;
+    loop {
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if !std::mem::replace(&mut full_logged, true) {
+                    tracing::warn!(
+                        max = app.config.max_connections,
+                        "MAX_CONNECTIONS reached; new connections wait"
+                    );
+                }
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        full_logged = false;
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, most likely: let some connections end.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::warn!(%error, "setting TCP_NODELAY failed");
         }
-    });
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+        let (router, builder) = (router.clone(), builder.clone());
+        let permit = ConnectionPermit(Arc::new(permit));
+        let service =
+            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(permit.clone());
+                router.clone().oneshot(request.map(axum::body::Body::new))
+            });
+        let connection = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    // Requests in flight finish; WebSockets are upgraded and detached, and end with the process.
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// A GraphQL-shaped error answer for problems found before execution.
@@ -118,9 +202,31 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The client's address: the TCP peer, or with `TRUST_FORWARDED_FOR` the last address the
+/// reverse proxy appended to `X-Forwarded-For`.
+fn client_addr(app: &App, headers: &HeaderMap, extensions: &http::Extensions) -> ClientAddr {
+    let forwarded = || {
+        let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+        last.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
+    };
+    let peer = || {
+        extensions
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip())
+    };
+    ClientAddr(
+        app.config
+            .trust_forwarded_for
+            .then(forwarded)
+            .flatten()
+            .or_else(peer),
+    )
+}
+
 async fn execute(
     state: &HttpState,
     headers: &HeaderMap,
+    client: ClientAddr,
     request: async_graphql::Request,
 ) -> Response {
     let viewer = match Viewer::from_credentials(&state.app, bearer(headers)).await {
@@ -136,7 +242,7 @@ async fn execute(
             return error_response(status, code, &error.message);
         }
     };
-    let request = request.data(viewer);
+    let request = request.data(viewer).data(client);
     let multipart = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -180,7 +286,12 @@ async fn execute(
     http
 }
 
-async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn graphql_post(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    extensions: http::Extensions,
+    body: Bytes,
+) -> Response {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -210,7 +321,8 @@ async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: 
             );
         }
     };
-    execute(&state, &headers, request).await
+    let client = client_addr(&state.app, &headers, &extensions);
+    execute(&state, &headers, client, request).await
 }
 
 fn is_websocket(headers: &HeaderMap) -> bool {
@@ -268,7 +380,8 @@ async fn graphql_get(State(state): State<HttpState>, request: Request) -> Respon
         )
             .into_response();
     }
-    execute(&state, request.headers(), graphql_request).await
+    let client = client_addr(&state.app, request.headers(), request.extensions());
+    execute(&state, request.headers(), client, graphql_request).await
 }
 
 async fn graphql_ws_only(State(state): State<HttpState>, request: Request) -> Response {
@@ -311,6 +424,8 @@ async fn websocket(state: HttpState, request: Request) -> Response {
         );
     };
     let header_credentials = bearer(&parts.headers).map(str::to_owned);
+    let client = client_addr(&state.app, &parts.headers, &parts.extensions);
+    let permit = parts.extensions.get::<ConnectionPermit>().cloned();
     let span = tracing::Span::current();
     upgrade
         // Chat traffic is small frames: the library's 128 KiB default read buffer per socket was
@@ -321,8 +436,100 @@ async fn websocket(state: HttpState, request: Request) -> Response {
         .max_message_size(BODY_LIMIT)
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| {
-            serve_websocket(socket, protocol, state, header_credentials).instrument(span)
+            let connection = WsConnection {
+                state,
+                header_credentials,
+                client,
+                _permit: permit,
+            };
+            serve_websocket(socket, protocol, connection).instrument(span)
         })
+}
+
+/// The operations running on one socket: started by the client's `subscribe` (`start` in the
+/// legacy protocol), ended by its `complete` (`stop`) or by the server's `complete`.
+struct Operations {
+    running: HashSet<String>,
+    max: usize,
+}
+
+/// The fields of a client or server message that say which operation it concerns.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+}
+
+impl Operations {
+    fn new(max: usize) -> Self {
+        Self {
+            running: HashSet::new(),
+            max,
+        }
+    }
+
+    /// A client message: `Err` with the answer when it must not reach the schema (an operation
+    /// over `MAX_SUBSCRIPTIONS_PER_CONNECTION`, or an id already running: close 4409, as the
+    /// graphql-transport-ws protocol says).
+    fn client(
+        &mut self,
+        message: &[u8],
+        protocol: WebSocketProtocols,
+    ) -> Result<(), Vec<WsMessage>> {
+        let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_slice(message) else {
+            return Ok(());
+        };
+        match kind.as_str() {
+            "subscribe" | "start" => {
+                if self.running.contains(&id) {
+                    return Err(vec![WsMessage::Close(
+                        4409,
+                        format!("Subscriber for {id} already exists"),
+                    )]);
+                }
+                if self.running.len() >= self.max {
+                    let error = AppError::LimitExceeded {
+                        limit: "MAX_SUBSCRIPTIONS_PER_CONNECTION",
+                        max: self.max as u64,
+                        message: format!(
+                            "at most {} operations may run at once on one connection",
+                            self.max
+                        ),
+                    };
+                    let next = match protocol {
+                        WebSocketProtocols::SubscriptionsTransportWS => "data",
+                        _ => "next",
+                    };
+                    let payload = async_graphql::Response::from_errors(vec![
+                        async_graphql::Error::from(error).into_server_error(Default::default()),
+                    ]);
+                    // Refused like async-graphql refuses an operation: its errors, then complete.
+                    return Err(vec![
+                        WsMessage::Text(
+                            json!({ "type": next, "id": id, "payload": payload }).to_string(),
+                        ),
+                        WsMessage::Text(json!({ "type": "complete", "id": id }).to_string()),
+                    ]);
+                }
+                self.running.insert(id);
+            }
+            "complete" | "stop" => {
+                self.running.remove(&id);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A message the schema sends: a `complete` ends its operation.
+    fn server(&mut self, text: &str) {
+        if text.starts_with(r#"{"type":"complete""#)
+            && let Ok(Envelope { id: Some(id), .. }) = serde_json::from_str(text)
+        {
+            self.running.remove(&id);
+        }
+    }
 }
 
 /// Credentials from a `connection_init` payload: `Authorization` (any case) or `token`.
@@ -339,26 +546,73 @@ fn init_credentials(payload: &serde_json::Value) -> Option<String> {
 /// Runs one GraphQL WebSocket connection. Beyond what async-graphql does, it closes a connection
 /// that has not sent `connection_init` in time (4408) and answers a bad token with 4403, as the
 /// graphql-transport-ws protocol specifies.
+/// What a WebSocket keeps from the request that opened it.
+struct WsConnection {
+    state: HttpState,
+    header_credentials: Option<String>,
+    client: ClientAddr,
+    /// Counts the socket against `MAX_CONNECTIONS` while it is open.
+    _permit: Option<ConnectionPermit>,
+}
+
 async fn serve_websocket(
     socket: WebSocket,
     protocol: WebSocketProtocols,
-    state: HttpState,
-    header_credentials: Option<String>,
+    connection: WsConnection,
 ) {
+    let WsConnection {
+        state,
+        header_credentials,
+        client,
+        _permit,
+    } = connection;
     let (mut sink, stream) = socket.split();
     let initialised = Arc::new(AtomicBool::new(false));
     let rejected = Arc::new(AtomicBool::new(false));
     // The token could not be checked because the database is away: not the client's fault.
     let unavailable = Arc::new(AtomicBool::new(false));
-    let input = stream
-        .take_while(|message| futures::future::ready(message.is_ok()))
-        .filter_map(|message| {
-            futures::future::ready(match message {
-                Ok(Message::Text(text)) => Some(Bytes::from(text)),
-                Ok(Message::Binary(bytes)) => Some(bytes),
-                _ => None,
+    // Anything from the client (a pong included) shows the peer is alive.
+    let heard = Arc::new(AtomicBool::new(true));
+    // Set when the client sent a message over BODY_LIMIT: closed with 1009.
+    let too_big = Arc::new(AtomicBool::new(false));
+    let operations = Arc::new(std::sync::Mutex::new(Operations::new(
+        state.app.config.max_subscriptions_per_connection,
+    )));
+    // What the server says on its own: refusals of operations over the limit, a duplicate id.
+    let (say, mut said) = tokio::sync::mpsc::unbounded_channel::<WsMessage>();
+    let input = {
+        let (heard, too_big, operations) = (heard.clone(), too_big.clone(), operations.clone());
+        stream
+            .take_while(move |message| {
+                if let Err(error) = message
+                    && error.to_string().contains("Space limit exceeded")
+                {
+                    too_big.store(true, Ordering::SeqCst);
+                }
+                futures::future::ready(message.is_ok())
             })
-        });
+            .filter_map(move |message| {
+                heard.store(true, Ordering::Relaxed);
+                let bytes = match message {
+                    Ok(Message::Text(text)) => Bytes::from(text),
+                    Ok(Message::Binary(bytes)) => bytes,
+                    _ => return futures::future::ready(None),
+                };
+                let admitted = operations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .client(&bytes, protocol);
+                futures::future::ready(match admitted {
+                    Ok(()) => Some(bytes),
+                    Err(answers) => {
+                        for answer in answers {
+                            let _ = say.send(answer);
+                        }
+                        None
+                    }
+                })
+            })
+    };
     // The session the connection signed in with, once `connection_init` was accepted.
     let signed_in = Arc::new(std::sync::OnceLock::<Session>::new());
     let mut account_changes = state.app.account_events.subscribe();
@@ -388,6 +642,7 @@ async fn serve_websocket(
                 ));
             }
             let mut data = Data::default();
+            data.insert(client);
             // Each operation resolves the account anew from the session (`SessionViewer`).
             if let Some(Some(session)) = session {
                 let _ = signed_in.set(session);
@@ -405,6 +660,10 @@ async fn serve_websocket(
     tokio::pin!(deadline);
     // Until sign-in, the init deadline; then the token's expiry.
     let mut watching = false;
+    let mut keepalive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    // Nothing was heard from the client during the last keepalive interval.
+    let mut silent = false;
     let mut batch = Vec::with_capacity(WS_BATCH);
     'connection: loop {
         if !watching && let Some(session) = signed_in.get() {
@@ -422,6 +681,18 @@ async fn serve_websocket(
                 } else {
                     Some(WsMessage::Close(4408, "Connection initialisation timeout".into()))
                 }
+            }
+            Some(answer) = said.recv() => Some(answer),
+            _ = keepalive.tick() => {
+                if heard.swap(false, Ordering::Relaxed) {
+                    silent = false;
+                } else if std::mem::replace(&mut silent, true) {
+                    break 'connection;
+                }
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+                continue;
             }
             changed = account_changes.recv(), if watching => {
                 let session = signed_in.get().expect("watching a signed-in session");
@@ -456,6 +727,10 @@ async fn serve_websocket(
             match message {
                 None => break 'connection,
                 Some(WsMessage::Text(text)) => {
+                    operations
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .server(&text);
                     if sink.feed(Message::Text(text.into())).await.is_err() {
                         return;
                     }
@@ -490,6 +765,8 @@ async fn serve_websocket(
         4403
     } else if unavailable.load(Ordering::SeqCst) {
         1011
+    } else if too_big.load(Ordering::SeqCst) {
+        1009
     } else {
         1000
     };

@@ -4,6 +4,7 @@ use async_graphql::{Context, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
 
+use crate::auth::throttle::{ACCOUNT_MAX_FAILURES, AccountKey, address_key};
 use crate::error::{AppError, AppResult};
 use crate::graphql::context::ContextExt;
 use crate::users::db::{self, NewUserRecord, UserRecord};
@@ -15,7 +16,8 @@ const BAD_CREDENTIALS: &str = "wrong email or password";
 /// A new account.
 #[derive(InputObject)]
 pub struct RegisterInput {
-    /// Trimmed and lower-cased; must look like an email address.
+    /// Stored trimmed, NFKC-normalised and case-folded; must look like an email address (at most
+    /// 254 characters).
     pub email: String,
     /// 8 to 128 characters.
     pub password: String,
@@ -26,7 +28,7 @@ pub struct RegisterInput {
 /// Credentials to sign in with.
 #[derive(InputObject)]
 pub struct LoginInput {
-    /// The account's email (any case).
+    /// The account's email (any case or Unicode spelling of it).
     pub email: String,
     /// The account's password.
     pub password: String,
@@ -67,6 +69,7 @@ impl AuthMutation {
     /// Creates an account and signs it in. The first account ever registered becomes admin.
     async fn register(&self, ctx: &Context<'_>, input: RegisterInput) -> AppResult<AuthPayload> {
         let email = Email::parse(&input.email)?;
+        count_address_attempt(ctx)?;
         check_password(&input.password)?;
         let full_name = clean_full_name(input.full_name)?;
         let app = ctx.app();
@@ -100,17 +103,26 @@ impl AuthMutation {
     }
 
     /// Signs in. An unknown email and a wrong password give the same error in similar time.
-    /// After 10 failures for one email within 15 minutes, attempts are `RATE_LIMITED`.
+    /// After 10 failed attempts for one account within 15 minutes, attempts are `RATE_LIMITED`
+    /// (with `retryAfter`); so are more than `AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS` sign-ins and
+    /// registrations a minute from one client address.
     async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> AppResult<AuthPayload> {
         let app = ctx.app();
-        let email = input.email.trim().to_lowercase();
-        app.login_throttle
-            .check(&email)
-            .map_err(|retry_after| AppError::RateLimited { retry_after })?;
+        let email = Email::normalize(&input.email)?;
+        count_address_attempt(ctx)?;
         let user = {
             let mut conn = app.db.get().await?;
             db::find_by_email(&mut conn, &email).await?
         };
+        // Counted before argon2 runs, so that concurrent guesses cannot pass the limit.
+        let key = match &user {
+            Some(user) => AccountKey::Account(user.id),
+            None => app.throttles.unknown_email(&email),
+        };
+        app.throttles
+            .accounts
+            .take(&key, ACCOUNT_MAX_FAILURES)
+            .map_err(|retry_after| AppError::RateLimited { retry_after })?;
         let verified = match &user {
             Some(user) => {
                 app.passwords
@@ -126,13 +138,25 @@ impl AuthMutation {
         .map_err(AppError::internal)?;
         match user {
             Some(user) if verified && user.is_active => {
-                app.login_throttle.succeeded(&email);
+                app.throttles.accounts.reset(&key);
                 payload(ctx, &user)
             }
-            _ => {
-                app.login_throttle.failed(&email);
-                Err(AppError::Unauthenticated(BAD_CREDENTIALS))
-            }
+            _ => Err(AppError::Unauthenticated(BAD_CREDENTIALS)),
         }
     }
+}
+
+/// Counts a registration or sign-in against the client's address.
+fn count_address_attempt(ctx: &Context<'_>) -> AppResult<()> {
+    let Some(address) = ctx.client_address() else {
+        return Ok(());
+    };
+    let app = ctx.app();
+    app.throttles
+        .addresses
+        .take(
+            &address_key(address),
+            app.config.auth_attempts_per_minute_per_address,
+        )
+        .map_err(|retry_after| AppError::RateLimited { retry_after })
 }

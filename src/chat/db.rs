@@ -3,7 +3,7 @@
 
 use diesel::dsl::{case_when, sql};
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Nullable, Varchar};
+use diesel::sql_types::{BigInt, Bool, Date, Nullable, Varchar};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::conversations::db::{self as conversations_db, ConversationRecord, MessageRecord};
@@ -13,6 +13,7 @@ use crate::conversations::domain::{
 use crate::db::schema::{conversations, messages, users};
 use crate::db::types::now;
 use crate::users::domain::UserId;
+use crate::users::quota;
 
 /// Why a turn could not begin.
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub enum BeginError {
     SessionInvalid,
     /// The conversation does not exist or belongs to someone else.
     ConversationNotFound,
+    /// The account's token quota for the month is used up, until then.
+    QuotaExceeded(chrono::DateTime<chrono::Utc>),
     Db(diesel::result::Error),
 }
 
@@ -30,18 +33,45 @@ impl From<diesel::result::Error> for BeginError {
     }
 }
 
+/// Who starts a turn: the account, the token version of its session, and the token quota that
+/// applies when an admin set none (`DEFAULT_TOKEN_QUOTA`).
+#[derive(Debug, Clone, Copy)]
+pub struct Starter {
+    pub owner: UserId,
+    pub token_version: i32,
+    pub default_quota: Option<u64>,
+}
+
 /// Everything a turn needs before Dify is called, in one transaction on one connection: the
-/// account and the conversation's owner checked in one query, then the conversation (created on
-/// a first turn), the user's message and an empty STREAMING answer.
+/// account, its token quota and the conversation's owner checked in one query, then the
+/// conversation (created on a first turn), the user's message and an empty STREAMING answer.
 pub async fn begin_turn(
     conn: &mut AsyncMysqlConnection,
-    owner: UserId,
-    token_version: i32,
+    starter: Starter,
     existing: Option<ConversationId>,
     query: &str,
 ) -> Result<(ConversationRecord, MessageRecord, MessageRecord), BeginError> {
+    let Starter {
+        owner,
+        token_version,
+        default_quota,
+    } = starter;
+    let period = quota::period_start(now());
     conn.transaction(async |conn| {
-        let (active, version, found): (bool, i32, Option<ConversationRecord>) = users::table
+        let used_this_period = sql::<Nullable<BigInt>>(
+            "(SELECT total_tokens FROM token_usage \
+              WHERE token_usage.user_id = users.id AND token_usage.period_start = ",
+        )
+        .bind::<Date, _>(period)
+        .sql(")");
+        let (active, version, quota, quota_set, used, found): (
+            bool,
+            i32,
+            Option<i64>,
+            bool,
+            Option<i64>,
+            Option<ConversationRecord>,
+        ) = users::table
             .left_join(
                 conversations::table.on(conversations::user_id
                     .eq(users::id)
@@ -51,6 +81,9 @@ pub async fn begin_turn(
             .select((
                 users::is_active,
                 users::token_version,
+                users::token_quota,
+                users::token_quota_set,
+                used_this_period,
                 Option::<ConversationRecord>::as_select(),
             ))
             .first(conn)
@@ -59,6 +92,11 @@ pub async fn begin_turn(
             .ok_or(BeginError::SessionInvalid)?;
         if !active || version != token_version {
             return Err(BeginError::SessionInvalid);
+        }
+        if let Some(quota) = quota::effective(quota, quota_set, default_quota)
+            && used.unwrap_or(0).max(0) as u64 >= quota
+        {
+            return Err(BeginError::QuotaExceeded(quota::period_end(period)));
         }
         let at = now();
         let conversation = match (existing, found) {
@@ -133,10 +171,13 @@ pub struct FinalAnswer<'a> {
     pub dify_workflow_run_id: Option<&'a str>,
     /// The Dify conversation to keep on the conversation, if it has none yet.
     pub dify_conversation_id: Option<&'a str>,
+    /// Whose quota the answer's tokens count against, and how many (Dify's `total_tokens`).
+    pub owner: UserId,
+    pub tokens: u64,
 }
 
-/// Writes the answer once at the end, in three statements and no transaction: each is
-/// idempotent, so a retry after a failure in between repeats them all. A stop requested from any
+/// Writes the answer once at the end, in three statements and no transaction, and settles its
+/// tokens: each step is idempotent, so a retry after a failure in between repeats them all. A stop requested from any
 /// process turns COMPLETED into STOPPED. `None` when the message is gone (its conversation was
 /// deleted meanwhile).
 pub async fn finish(
@@ -169,6 +210,9 @@ pub async fn finish(
         .await?;
     if updated == 0 {
         return Ok(None);
+    }
+    if answer.tokens > 0 {
+        quota::settle(conn, id, answer.owner, answer.tokens).await?;
     }
     // Moves the conversation up the list and keeps the first Dify conversation id.
     diesel::update(conversations::table.find(conversation))

@@ -4,7 +4,7 @@ use async_graphql::{Context, ID, InputObject, Json, Object, Subscription};
 use futures::stream::BoxStream;
 use serde_json::Value;
 
-use super::db::BeginError;
+use super::db::{BeginError, Starter};
 use super::events::ChatEvent;
 use super::relay::{self, Turn};
 use super::{dify_user, stop_message};
@@ -87,23 +87,41 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         .map(|id| ConversationId::parse("conversationId", &id))
         .transpose()?;
 
+    let config = &app.config;
+    app.throttles
+        .turns
+        .take(&viewer.id, config.chat_turns_per_minute)
+        .map_err(|retry_after| AppError::RateLimited { retry_after })?;
+    let max_active = config.max_active_answers_per_user;
+    let slot =
+        app.streams
+            .reserve(viewer.id, max_active)
+            .ok_or_else(|| AppError::LimitExceeded {
+                limit: "MAX_ACTIVE_ANSWERS_PER_USER",
+                max: max_active.into(),
+                message: format!(
+                    "you have {max_active} answers streaming already; wait for one to end"
+                ),
+            })?;
+
     let dify = app.dify().await?;
     let mut conn = app.db.get().await?;
     // A WebSocket can outlive its token: the account is checked again at each turn, in the same
-    // query that checks the conversation's owner.
-    let (conversation, question, answer) = super::db::begin_turn(
-        &mut conn,
-        viewer.id,
-        viewer.token_version,
-        conversation_id,
-        &query,
-    )
-    .await
-    .map_err(|error| match error {
-        BeginError::SessionInvalid => AppError::Unauthenticated(SESSION_INVALID),
-        BeginError::ConversationNotFound => AppError::NotFound("conversation"),
-        BeginError::Db(error) => error.into(),
-    })?;
+    // query that checks the token quota and the conversation's owner.
+    let starter = Starter {
+        owner: viewer.id,
+        token_version: viewer.token_version,
+        default_quota: config.default_token_quota,
+    };
+    let (conversation, question, answer) =
+        super::db::begin_turn(&mut conn, starter, conversation_id, &query)
+            .await
+            .map_err(|error| match error {
+                BeginError::SessionInvalid => AppError::Unauthenticated(SESSION_INVALID),
+                BeginError::ConversationNotFound => AppError::NotFound("conversation"),
+                BeginError::QuotaExceeded(resets_at) => AppError::QuotaExceeded { resets_at },
+                BeginError::Db(error) => error.into(),
+            })?;
     drop(conn);
     let request = ChatRequest {
         query,
@@ -116,7 +134,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     };
     let span = tracing::info_span!("chat", message.id = %answer.id, conversation.id = %conversation.id, user.id = %viewer.id);
     let (tx, rx) = super::subscriber::channel(app.config.subscriber_buffer_bytes);
-    let handle = app.streams.register(answer.id, viewer.id);
+    let handle = app.streams.register(answer.id, &slot);
     let message_id = answer.id;
     let streams = app.streams.clone();
     let active = app.metrics.active_streams.clone();
@@ -131,6 +149,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         async move {
             relay::run(app, dify, turn, tx, handle).await;
             streams.remove(message_id);
+            drop(slot);
             active.dec();
         },
         span,

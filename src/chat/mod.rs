@@ -33,44 +33,86 @@ pub struct StreamHandle {
     pub done: watch::Sender<bool>,
 }
 
-/// The answers this process is streaming, so a stop reaches them at once. Stops from other
-/// processes go through Dify (with the stored task id) and the `stop_requested` column.
+/// The answers this process is streaming, so a stop reaches them at once, and how many each user
+/// has. Stops from other processes go through Dify (with the stored task id) and the
+/// `stop_requested` column.
 #[derive(Default, Clone)]
-pub struct Streams(Arc<Mutex<HashMap<MessageId, Arc<StreamHandle>>>>);
+pub struct Streams(Arc<Mutex<Registry>>);
+
+#[derive(Default)]
+struct Registry {
+    handles: HashMap<MessageId, Arc<StreamHandle>>,
+    per_owner: HashMap<UserId, u32>,
+}
+
+/// A user's place among the answers streaming here, taken before a turn is saved and given
+/// back when dropped (when the answer is stored, or when the turn could not start).
+pub struct Slot {
+    streams: Streams,
+    owner: UserId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut registry = self.streams.lock();
+        if let Some(count) = registry.per_owner.get_mut(&self.owner) {
+            *count -= 1;
+            if *count == 0 {
+                registry.per_owner.remove(&self.owner);
+            }
+        }
+    }
+}
 
 impl Streams {
-    pub fn register(&self, id: MessageId, owner: UserId) -> Arc<StreamHandle> {
-        let handle = Arc::new(StreamHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for one more answer of `owner`, unless `max` are streaming already.
+    pub fn reserve(&self, owner: UserId, max: u32) -> Option<Slot> {
+        let mut registry = self.lock();
+        let count = registry.per_owner.entry(owner).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            streams: self.clone(),
             owner,
+        })
+    }
+
+    /// Answers of `owner` streaming here (started or about to start).
+    pub fn active(&self, owner: UserId) -> u32 {
+        self.lock().per_owner.get(&owner).copied().unwrap_or(0)
+    }
+
+    pub fn register(&self, id: MessageId, slot: &Slot) -> Arc<StreamHandle> {
+        let handle = Arc::new(StreamHandle {
+            owner: slot.owner,
             stop: Notify::new(),
             done: watch::Sender::new(false),
         });
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, handle.clone());
+        self.lock().handles.insert(id, handle.clone());
         handle
     }
 
     pub fn remove(&self, id: MessageId) {
-        if let Some(handle) = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+        if let Some(handle) = self.lock().handles.remove(&id) {
             handle.done.send_replace(true);
         }
     }
 
     pub fn get(&self, id: MessageId) -> Option<Arc<StreamHandle>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
+        self.lock().handles.get(&id).cloned()
     }
 
     /// Stops every answer of `owner` streaming here; returns how many.
     pub fn stop_owner(&self, owner: UserId) -> usize {
-        let streams = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let registry = self.lock();
         let mut stopped = 0;
-        for handle in streams.values().filter(|h| h.owner == owner) {
+        for handle in registry.handles.values().filter(|h| h.owner == owner) {
             handle.stop.notify_one();
             stopped += 1;
         }
@@ -79,16 +121,11 @@ impl Streams {
 
     /// The answers streaming now.
     pub fn ids(&self) -> Vec<MessageId> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect()
+        self.lock().handles.keys().copied().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().handles.len()
     }
 
     pub fn is_empty(&self) -> bool {

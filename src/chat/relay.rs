@@ -351,6 +351,14 @@ impl Relay {
             dify_task_id: ids.task_id.as_deref(),
             dify_workflow_run_id: ids.workflow_run_id.as_deref(),
             dify_conversation_id: dify_conversation,
+            owner: self.conversation.user_id,
+            tokens: self
+                .answer
+                .usage
+                .as_ref()
+                .and_then(|usage| usage.get("total_tokens"))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
         };
         let stored = self.write_final(&final_answer).await;
         let message = match stored {

@@ -11,6 +11,16 @@ diesel::table! {
         token_version -> Integer,
         created_at -> Datetime,
         updated_at -> Datetime,
+        token_quota -> Nullable<Bigint>,
+        token_quota_set -> Bool,
+    }
+}
+
+diesel::table! {
+    token_usage (user_id, period_start) {
+        user_id -> Binary,
+        period_start -> Date,
+        total_tokens -> Bigint,
     }
 }
 
@@ -60,10 +70,18 @@ diesel::table! {
         stop_requested -> Bool,
         created_at -> Datetime,
         updated_at -> Datetime,
+        tokens_settled -> Bool,
     }
 }
 
 diesel::joinable!(conversations -> users (user_id));
 diesel::joinable!(messages -> conversations (conversation_id));
+diesel::joinable!(token_usage -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(users, settings, conversations, messages);
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    settings,
+    conversations,
+    messages,
+    token_usage
+);

@@ -66,8 +66,13 @@ impl Viewer {
     }
 }
 
+/// The client's address, as `http` determined it (see `TRUST_FORWARDED_FOR`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
 pub trait ContextExt {
     fn app(&self) -> &App;
+    fn client_address(&self) -> Option<std::net::IpAddr>;
     /// The signed-in user, or `UNAUTHENTICATED`.
     fn user(&self) -> AppResult<&UserRecord>;
     /// The signed-in admin, or `UNAUTHENTICATED` / `FORBIDDEN`.
@@ -77,6 +82,10 @@ pub trait ContextExt {
 impl ContextExt for Context<'_> {
     fn app(&self) -> &App {
         self.data_unchecked::<App>()
+    }
+
+    fn client_address(&self) -> Option<std::net::IpAddr> {
+        self.data_opt::<ClientAddr>().and_then(|a| a.0)
     }
 
     fn user(&self) -> AppResult<&UserRecord> {

@@ -1,5 +1,8 @@
 //! Account rules: email normalisation and the password policy.
 
+use icu_casemap::CaseMapper;
+use icu_normalizer::ComposingNormalizerBorrowed;
+
 use crate::db::types::uuid_id;
 use crate::error::AppError;
 
@@ -12,20 +15,26 @@ uuid_id!(
 pub const PASSWORD_MIN: usize = 8;
 pub const PASSWORD_MAX: usize = 128;
 
-/// An email address trimmed, lower-cased and checked for a plausible shape.
+/// Longest email accepted, in characters (RFC 5321's path limit).
+pub const EMAIL_MAX_CHARS: usize = 254;
+
+/// An email address in its one stored spelling — trimmed, NFKC-normalised and case-folded, so
+/// `ＤＡＶＥ@ex.com` and `dave@ex.com` are one address — checked for a plausible shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Email(String);
 
 impl Email {
     pub fn parse(input: &str) -> Result<Self, AppError> {
-        let email = input.trim().to_lowercase();
+        let email = Self::normalize(input)?;
         let invalid = || {
             AppError::bad_input(
                 "email",
                 "enter a valid email address, like name@example.com",
             )
         };
-        if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if email.chars().count() > EMAIL_MAX_CHARS
+            || email.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(invalid());
         }
         let (local, domain) = email.split_once('@').ok_or_else(invalid)?;
@@ -55,6 +64,24 @@ impl Email {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The stored spelling of what someone typed, for sign-in: refused over
+    /// [`EMAIL_MAX_CHARS`] before any other work.
+    pub fn normalize(input: &str) -> Result<String, AppError> {
+        let input = input.trim();
+        if input.chars().nth(EMAIL_MAX_CHARS).is_some() {
+            return Err(AppError::bad_input(
+                "email",
+                format!("an email address has at most {EMAIL_MAX_CHARS} characters"),
+            ));
+        }
+        let nfkc = ComposingNormalizerBorrowed::new_nfkc();
+        let folded = CaseMapper::new()
+            .fold_string(&nfkc.normalize(input))
+            .into_owned();
+        // Folding can undo the normal form (NFKC_Casefold is NFKC ∘ fold ∘ NFKC).
+        Ok(nfkc.normalize(&folded).into_owned())
     }
 }
 
@@ -101,6 +128,23 @@ mod tests {
         assert_eq!(
             Email::parse("a.b+tag@sub.example.io").unwrap().as_str(),
             "a.b+tag@sub.example.io"
+        );
+    }
+
+    #[test]
+    fn one_address_has_one_spelling() {
+        for spelling in ["ｄａｖｅ@ex.com", "DAVE@EX.COM", " Dave@Ex.com "] {
+            assert_eq!(Email::parse(spelling).unwrap().as_str(), "dave@ex.com");
+        }
+        assert_eq!(
+            Email::parse("STRASSE@ex.com").unwrap(),
+            Email::parse("straße@ex.com").unwrap()
+        );
+        assert_eq!(Email::normalize("Ⅸ@ex.com").unwrap(), "ix@ex.com");
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert_eq!(
+            Email::normalize(&long).unwrap_err().code(),
+            "BAD_USER_INPUT"
         );
     }
 

@@ -1,6 +1,6 @@
 //! `User`, `me`, and the admin's user management.
 
-use async_graphql::{Context, ID, Object, SimpleObject};
+use async_graphql::{ComplexObject, Context, ID, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
 
@@ -10,10 +10,14 @@ use crate::graphql::context::ContextExt;
 use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};
 use crate::users::db::{self, UserRecord};
 use crate::users::domain::UserId;
+use crate::users::quota;
 
 /// An account that can sign in to rechat.
 #[derive(SimpleObject, Clone)]
+#[graphql(complex)]
 pub struct User {
+    #[graphql(skip)]
+    pub user_id: UserId,
     /// The account's id (a UUID).
     pub id: ID,
     /// The sign-in email, lower-cased.
@@ -33,6 +37,7 @@ pub struct User {
 impl From<&UserRecord> for User {
     fn from(user: &UserRecord) -> Self {
         Self {
+            user_id: user.id,
             id: user.id.into(),
             email: user.email.clone(),
             full_name: user.full_name.clone(),
@@ -41,6 +46,46 @@ impl From<&UserRecord> for User {
             created_at: utc(user.created_at),
             updated_at: utc(user.updated_at),
         }
+    }
+}
+
+/// Tokens used this month, against the quota.
+#[derive(SimpleObject)]
+pub struct UsageSummary {
+    /// Start of the current calendar month, UTC.
+    pub period_start: DateTime<Utc>,
+    /// Tokens of the answers that ended this period (Dify's `total_tokens`).
+    pub total_tokens: i64,
+    /// Tokens allowed per period: an admin's `setUserQuota`, else `DEFAULT_TOKEN_QUOTA`; null
+    /// is unlimited.
+    pub token_quota: Option<i64>,
+    /// When the period ends and the count starts again.
+    pub resets_at: DateTime<Utc>,
+    /// Answers streaming now on this gateway.
+    pub active_answers: i32,
+}
+
+#[ComplexObject]
+impl User {
+    /// Tokens used this month and the quota. Your own, or anyone's for admins.
+    async fn usage(&self, ctx: &Context<'_>) -> AppResult<UsageSummary> {
+        let viewer = ctx.user()?;
+        if viewer.id != self.user_id && !viewer.is_admin {
+            return Err(AppError::Forbidden);
+        }
+        let app = ctx.app();
+        let period = quota::period_start(crate::db::types::now());
+        let mut conn = app.db.get().await?;
+        let (set_quota, set) = quota::quota_of(&mut conn, self.user_id).await?;
+        let used = quota::used(&mut conn, self.user_id, period).await?;
+        let limit = quota::effective(set_quota, set, app.config.default_token_quota);
+        Ok(UsageSummary {
+            period_start: period.and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+            total_tokens: i64::try_from(used).unwrap_or(i64::MAX),
+            token_quota: limit.map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
+            resets_at: quota::period_end(period),
+            active_answers: app.streams.active(self.user_id) as i32,
+        })
     }
 }
 
@@ -110,6 +155,33 @@ impl UserMutation {
         ctx.admin()?;
         let id = UserId::parse("userId", &user_id)?;
         change_user(ctx, id, UserChange::Active(is_active)).await
+    }
+
+    /// Sets a user's token quota per calendar month (UTC); null means unlimited. Admin only.
+    /// Until an admin sets one, `DEFAULT_TOKEN_QUOTA` applies. Turns are refused with
+    /// `QUOTA_EXCEEDED` once the month's settled tokens reach it.
+    async fn set_user_quota(
+        &self,
+        ctx: &Context<'_>,
+        user_id: ID,
+        token_quota: Option<i64>,
+    ) -> AppResult<User> {
+        ctx.admin()?;
+        let id = UserId::parse("userId", &user_id)?;
+        if token_quota.is_some_and(|q| q < 0) {
+            return Err(AppError::bad_input(
+                "tokenQuota",
+                "the quota is a number of tokens, 0 or more (null for unlimited)",
+            ));
+        }
+        let mut conn = ctx.app().db.get().await?;
+        if quota::set_quota(&mut conn, id, token_quota).await? == 0 {
+            return Err(AppError::NotFound("user"));
+        }
+        let user = db::find(&mut conn, id)
+            .await?
+            .ok_or(AppError::NotFound("user"))?;
+        Ok((&user).into())
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod db;
 pub mod domain;
 pub mod graphql;
+pub mod quota;
 
 use diesel_async::AsyncConnection;
 

@@ -351,7 +351,7 @@ async fn repeated_failed_logins_are_rate_limited() {
             json!({ "input": { "email": "ada@example.com", "password": password } }),
         )
     };
-    for _ in 0..rechat::auth::throttle::MAX_FAILURES {
+    for _ in 0..rechat::auth::throttle::ACCOUNT_MAX_FAILURES {
         assert_eq!(
             error_code(&attempt("wrong password").await),
             "UNAUTHENTICATED"
@@ -377,4 +377,133 @@ async fn repeated_failed_logins_are_rate_limited() {
         "UNAUTHENTICATED",
         "other emails are not affected"
     );
+}
+
+async fn login(app: &TestApp, email: &str, password: &str) -> serde_json::Value {
+    app.gql(
+        None,
+        LOGIN,
+        json!({ "input": { "email": email, "password": password } }),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_guesses_cannot_pass_the_account_limit() {
+    let app = TestApp::spawn_with(|c| c.auth_attempts_per_minute_per_address = 1000).await;
+    app.register("dave@ex.com").await;
+    let guesses = (0..30).map(|i| {
+        let app = &app;
+        async move { login(app, "dave@ex.com", &format!("guess number {i}")).await }
+    });
+    let answers = futures::future::join_all(guesses).await;
+    let codes: Vec<&str> = answers.iter().map(error_code).collect();
+    let verified = codes.iter().filter(|c| **c == "UNAUTHENTICATED").count();
+    let limited = codes.iter().filter(|c| **c == "RATE_LIMITED").count();
+    assert_eq!(
+        (verified, limited),
+        (rechat::auth::throttle::ACCOUNT_MAX_FAILURES as usize, 20),
+        "{codes:?}"
+    );
+    // Every spelling of the address is the same account, and so the same lock.
+    for spelling in [
+        "ｄａｖｅ@ex.com",
+        "DAVE@EX.COM",
+        "dávé@ex.com",
+        " Dave@Ex.Com ",
+    ] {
+        let answer = login(&app, spelling, "correct horse battery").await;
+        assert_eq!(error_code(&answer), "RATE_LIMITED", "{spelling}: {answer}");
+    }
+    // An email without an account is locked the same way: the refusal tells nothing.
+    for _ in 0..10 {
+        login(&app, "nobody@ex.com", "guess guess").await;
+    }
+    let answer = login(&app, "nobody@ex.com", "guess guess").await;
+    assert_eq!(error_code(&answer), "RATE_LIMITED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_is_limited_across_accounts_and_registrations() {
+    let app = TestApp::spawn_with(|c| c.auth_attempts_per_minute_per_address = 5).await;
+    app.register("erin@ex.com").await;
+    for i in 0..4 {
+        let answer = login(&app, &format!("someone{i}@ex.com"), "a wrong password").await;
+        assert_eq!(error_code(&answer), "UNAUTHENTICATED");
+    }
+    let answer = login(&app, "erin@ex.com", "correct horse battery").await;
+    assert_eq!(error_code(&answer), "RATE_LIMITED", "{answer}");
+    let answer = app
+        .gql(
+            None,
+            REGISTER,
+            json!({ "input": { "email": "frank@ex.com", "password": "12345678" } }),
+        )
+        .await;
+    assert_eq!(error_code(&answer), "RATE_LIMITED");
+    assert!(
+        answer["errors"][0]["extensions"]["retryAfter"]
+            .as_u64()
+            .unwrap()
+            <= 60
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_each_forwarded_address_counts_alone() {
+    let app = TestApp::spawn_with(|c| {
+        c.auth_attempts_per_minute_per_address = 2;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let attempt = |forwarded: &'static str| {
+        app.http
+            .post(app.url("/graphql"))
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({ "query": LOGIN, "variables": { "input": { "email": "x@ex.com", "password": "a wrong one" } } }))
+            .send()
+    };
+    for _ in 0..2 {
+        let answer: serde_json::Value = attempt("203.0.113.9, 198.51.100.1")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(error_code(&answer), "UNAUTHENTICATED");
+    }
+    let answer: serde_json::Value = attempt("203.0.113.9, 198.51.100.1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&answer), "RATE_LIMITED");
+    // The proxy appends the client's address: the entries before it are the client's to forge.
+    let answer: serde_json::Value = attempt("198.51.100.1, 198.51.100.2")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&answer), "UNAUTHENTICATED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_emails_are_refused_before_any_work() {
+    let app = TestApp::spawn_with(|c| c.auth_attempts_per_minute_per_address = 1000).await;
+    let huge = format!("{}@ex.com", "a".repeat(200_000));
+    for _ in 0..20 {
+        let answer = login(&app, &huge, "whatever1").await;
+        assert_eq!(error_code(&answer), "BAD_USER_INPUT");
+        assert_eq!(answer["errors"][0]["extensions"]["field"], "email");
+    }
+    let answer = app
+        .gql(
+            None,
+            REGISTER,
+            json!({ "input": { "email": huge, "password": "12345678" } }),
+        )
+        .await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT");
 }

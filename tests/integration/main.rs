@@ -7,6 +7,7 @@ mod accounts;
 mod chat;
 mod conversations;
 mod http_surface;
+mod limits;
 mod persistence;
 mod schema;
 mod sessions;

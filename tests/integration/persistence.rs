@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rechat::chat::db::begin_turn;
+use rechat::chat::db::{Starter, begin_turn};
 use rechat::conversations::domain::MessageId;
 use rechat::dify::events::Ids;
 use serde_json::json;
@@ -21,12 +21,16 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     let app = TestApp::spawn_with(|c| c.flush_interval = Duration::from_secs(3600)).await;
     let user = app.register("writer@example.com").await;
     let session = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
-    let (user_id, version) = (session.user, session.token_version);
+    let starter = Starter {
+        owner: session.user,
+        token_version: session.token_version,
+        default_quota: None,
+    };
     let mut answers = Vec::new();
     let mut conn = app.app.db.get().await.unwrap();
     for i in 0..600 {
         let (conversation, _, answer) =
-            begin_turn(&mut conn, user_id, version, None, &format!("question {i}"))
+            begin_turn(&mut conn, starter, None, &format!("question {i}"))
                 .await
                 .unwrap();
         answers.push((conversation.id, answer.id));
