@@ -53,6 +53,13 @@ pub struct Config {
     pub dify_read_timeout: Duration,
     /// A WebSocket that sends no `connection_init` within this time is closed (4408).
     pub ws_init_timeout: Duration,
+    /// How long a client may take to send a request's headers, and how long a kept-alive
+    /// connection may sit idle between requests.
+    pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body_timeout: Duration,
+    /// How often WebSockets are pinged; one that answers nothing for two intervals is closed.
+    pub ws_keepalive: Duration,
     /// `SUBSCRIBER_BUFFER_BYTES`: how far (in bytes of events) a subscriber may fall behind its
     /// answer before it is dropped; the answer goes on and is stored either way.
     pub subscriber_buffer_bytes: usize,
@@ -242,6 +249,9 @@ impl Config {
             stale_stream_after: Duration::from_secs(120),
             dify_read_timeout: Duration::from_secs(60),
             ws_init_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(30),
+            ws_keepalive: Duration::from_secs(30),
             subscriber_buffer_bytes,
         })
     }
@@ -265,6 +275,9 @@ impl Config {
             stale_stream_after: Duration::from_secs(120),
             dify_read_timeout: Duration::from_secs(3),
             ws_init_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(2),
+            ws_keepalive: Duration::from_secs(1),
             subscriber_buffer_bytes: 1 << 20,
             auth_attempts_per_minute_per_address: 30,
             trust_forwarded_for: false,

@@ -14,6 +14,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -31,15 +32,6 @@ use crate::auth::token::Session;
 use crate::error::{AppError, SERVICE_UNAVAILABLE};
 use crate::graphql::context::{ClientAddr, Viewer};
 use crate::graphql::{self, AppSchema};
-
-/// How long a client may take to send a request's headers, and how long a kept-alive connection
-/// may sit idle between requests.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest wait for the next piece of a request body.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often idle WebSockets (and HTTP/2 connections) are pinged; a WebSocket that answers
-/// nothing for two intervals is closed.
-pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Largest accepted request body; a chat query is far smaller.
 pub const BODY_LIMIT: usize = 256 * 1024;
@@ -59,6 +51,7 @@ struct HttpState {
 
 pub fn router(app: App) -> Router {
     let cors_origins = app.config.cors_origins.clone();
+    let body_timeout = app.config.body_timeout;
     let state = HttpState {
         schema: graphql::schema(app.clone()),
         app,
@@ -75,7 +68,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            BODY_TIMEOUT,
+            body_timeout,
         ))
         .with_state(state);
     if !cors_origins.is_empty() {
@@ -104,8 +97,8 @@ struct ConnectionPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermi
 
 /// Serves the router until `shutdown` completes, at most `MAX_CONNECTIONS` client connections
 /// at a time (more wait in the listen backlog). A connection that does not send a request's
-/// headers within `HEADER_READ_TIMEOUT` (slowly dribbled headers, or an idle keep-alive) is
-/// closed, and so is a request whose body stalls for `BODY_TIMEOUT`. Sockets get TCP_NODELAY: an
+/// headers in time (slowly dribbled headers, or an idle keep-alive) is closed, and a request
+/// whose body stalls is answered 408 (`Config::header_read_timeout`, `body_timeout`). Sockets get TCP_NODELAY: an
 /// answer streams as many small WebSocket frames, and Nagle's algorithm would hold each back
 /// until the previous one is acknowledged (about 40 ms with delayed ACKs).
 pub async fn serve(
@@ -123,11 +116,11 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(app.config.header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE);
+        .keep_alive_interval(app.config.ws_keepalive);
     tokio::pin!(shutdown);
     let mut full_logged = false;
     loop {
@@ -290,8 +283,12 @@ async fn graphql_post(
     State(state): State<HttpState>,
     headers: HeaderMap,
     extensions: http::Extensions,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_refused(rejection),
+    };
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -323,6 +320,28 @@ async fn graphql_post(
     };
     let client = client_addr(&state.app, &headers, &extensions);
     execute(&state, &headers, client, request).await
+}
+
+/// A body that could not be read: too large (413), or stalled past `body_timeout` (408).
+fn body_refused(rejection: BytesRejection) -> Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "BAD_USER_INPUT",
+                "the request body did not arrive in time",
+            );
+        }
+        source = error.source();
+    }
+    let status = rejection.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("the request body exceeds {} KiB", BODY_LIMIT / 1024)
+    } else {
+        "the request body could not be read".to_owned()
+    };
+    error_response(status, "BAD_USER_INPUT", &message)
 }
 
 fn is_websocket(headers: &HeaderMap) -> bool {
@@ -660,8 +679,8 @@ async fn serve_websocket(
     tokio::pin!(deadline);
     // Until sign-in, the init deadline; then the token's expiry.
     let mut watching = false;
-    let mut keepalive =
-        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    let every = state.app.config.ws_keepalive;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     // Nothing was heard from the client during the last keepalive interval.
     let mut silent = false;
     let mut batch = Vec::with_capacity(WS_BATCH);
@@ -687,7 +706,8 @@ async fn serve_websocket(
                 if heard.swap(false, Ordering::Relaxed) {
                     silent = false;
                 } else if std::mem::replace(&mut silent, true) {
-                    break 'connection;
+                    // Two intervals without a word, not even a pong: the peer is gone.
+                    return;
                 }
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
                     return;

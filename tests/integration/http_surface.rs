@@ -336,3 +336,156 @@ async fn aliases_directives_and_page_sizes_are_limited_before_execution() {
     let answer = user.gql(ordinary, json!({})).await;
     assert!(answer["errors"].is_null(), "{answer}");
 }
+
+/// Reads from a raw connection until the server closes it; `Err` if it is still open after
+/// `within`. Returns what was read.
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: std::time::Duration) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    let outcome = tokio::time::timeout(within, async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&read).into_owned();
+    outcome.map(|()| text.clone()).map_err(|_| format!("still open; read {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_http_clients_are_disconnected() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    // Tests use a 2 s header-read and body timeout (15 s and 30 s in production).
+    let app = TestApp::spawn().await;
+
+    // Headers dribbled slowly never complete a request.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: rechat\r\n").await.unwrap();
+    let dribble = async {
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if slow.write_all(format!("X-Slow-{i}: yes\r\n").as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    };
+    let started = tokio::time::Instant::now();
+    dribble.await;
+    let closed = closed_within(&mut slow, Duration::from_secs(3)).await;
+    assert!(closed.is_ok(), "dribbled headers: {closed:?}");
+    assert!(started.elapsed() < Duration::from_secs(7));
+
+    // A kept-alive connection that sends nothing more is closed.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: rechat\r\n\r\n").await.unwrap();
+    let answer = closed_within(&mut idle, Duration::from_secs(4)).await.expect("idle connection closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A body announced and never sent is answered 408.
+    let mut stalled = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /graphql HTTP/1.1\r\nHost: rechat\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n{\"query\":")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut stalled, Duration::from_secs(5)).await.expect("stalled body ends");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_max_connections_wait_for_a_free_one() {
+    use std::time::Duration;
+    let app = TestApp::spawn_with(|c| c.max_connections = 2).await;
+    let holders = [
+        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = reqwest::Client::new()
+        .get(app.url("/healthz"))
+        .timeout(Duration::from_millis(700))
+        .send()
+        .await;
+    assert!(waiting.is_err(), "served beyond the cap: {waiting:?}");
+    drop(holders);
+    let served = reqwest::Client::new()
+        .get(app.url("/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("served once a connection is free");
+    assert_eq!(served.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websockets_are_pinged_and_dead_peers_dropped() {
+    use futures::{SinkExt, StreamExt};
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    // Tests ping every second (every 30 s in production).
+    let app = TestApp::spawn().await;
+    let connect = || async {
+        let mut request = app.ws_url().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "graphql-transport-ws".parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.unwrap().0
+    };
+
+    // A live client answers pings (tungstenite does as it reads) and stays connected.
+    let mut live = connect().await;
+    live.send(Message::Text(json!({ "type": "connection_init" }).to_string().into()))
+        .await
+        .unwrap();
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, live.next()).await {
+        match message.expect("still open") {
+            Message::Ping(_) => pings += 1,
+            Message::Close(frame) => panic!("a live client was closed: {frame:?}"),
+            _ => {}
+        }
+    }
+    assert!(pings >= 2, "{pings} pings");
+
+    // A client that never answers is dropped after two silent intervals.
+    let mut dead = connect().await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(message)) = dead.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the dead peer's socket is still open");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_websocket_message_closes_with_1009() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = TestApp::spawn().await;
+    let mut request = app.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "graphql-transport-ws".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let huge = json!({ "type": "connection_init", "payload": { "pad": "x".repeat(300 * 1024) } });
+    socket.send(Message::Text(huge.to_string().into())).await.unwrap();
+    let code = loop {
+        match socket.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1009));
+}
