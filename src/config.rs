@@ -83,6 +83,9 @@ pub struct Config {
     pub max_connections: usize,
 }
 
+/// The largest `MAX_ANSWER_BYTES`: an answer is one MEDIUMTEXT value in one statement.
+pub const MAX_ANSWER_BYTES_CEILING: usize = 15 << 20;
+
 pub const DEFAULT_DATABASE_URL: &str = "mysql://root@127.0.0.1:3306/rechat";
 pub const DEFAULT_DIFY_API_URL: &str = "https://api.dify.ai/v1";
 
@@ -222,6 +225,16 @@ impl Config {
             None => None,
             Some(_) => Some(limit("DEFAULT_TOKEN_QUOTA", 0)?),
         };
+        let max_answer_bytes = limit("MAX_ANSWER_BYTES", 4 << 20)? as usize;
+        if max_answer_bytes > MAX_ANSWER_BYTES_CEILING {
+            return Err(ConfigError {
+                variable: "MAX_ANSWER_BYTES",
+                expected: format!(
+                    "at most {MAX_ANSWER_BYTES_CEILING} bytes (a MEDIUMTEXT column, within \
+                     MySQL's default 16 MiB packet), got {max_answer_bytes}"
+                ),
+            });
+        }
         Ok(Self {
             auth_attempts_per_minute_per_address: as_u32(limit(
                 "AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS",
@@ -233,7 +246,7 @@ impl Config {
             max_subscriptions_per_connection: limit("MAX_SUBSCRIPTIONS_PER_CONNECTION", 8)?
                 as usize,
             default_token_quota,
-            max_answer_bytes: limit("MAX_ANSWER_BYTES", 4 << 20)? as usize,
+            max_answer_bytes,
             max_connections: limit("MAX_CONNECTIONS", 10_000)? as usize,
             database_url,
             secret_key,
@@ -421,6 +434,7 @@ mod tests {
             ("MAX_SUBSCRIPTIONS_PER_CONNECTION", "x"),
             ("DEFAULT_TOKEN_QUOTA", "0"),
             ("MAX_ANSWER_BYTES", "big"),
+            ("MAX_ANSWER_BYTES", "16777216"),
             ("MAX_CONNECTIONS", "0"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();

@@ -34,6 +34,9 @@ pub enum FailureSource {
     Workflow,
     /// Dify's `error` event, a refused request or a broken stream.
     Dify,
+    /// rechat ended the answer itself (it grew past `MAX_ANSWER_BYTES`): nothing Dify sends
+    /// afterwards changes that.
+    Gateway,
 }
 
 impl Outcome {
@@ -128,6 +131,10 @@ pub struct Answer {
     workflow_tokens: Option<i64>,
     /// Dify's ids, from the first frame that carries any.
     pub ids: Ids,
+    /// The longest content kept (`MAX_ANSWER_BYTES`).
+    max_bytes: usize,
+    /// The content reached `max_bytes`: the answer ended, and later text is dropped.
+    full: bool,
 }
 
 /// A placeholder the emitter overwrites.
@@ -136,7 +143,7 @@ fn unstamped() -> ID {
 }
 
 impl Answer {
-    pub fn new(mode: AppMode) -> Self {
+    pub fn new(mode: AppMode, max_bytes: usize) -> Self {
         Self {
             mode,
             content: String::new(),
@@ -147,7 +154,37 @@ impl Answer {
             workflow_outputs: None,
             workflow_tokens: None,
             ids: Ids::default(),
+            max_bytes,
+            full: false,
         }
+    }
+
+    /// The answer reached `MAX_ANSWER_BYTES` and ended: Dify should stop generating.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Cuts `text` (to be appended after `kept` bytes) to what still fits, at a character
+    /// boundary; marks the answer full when something was cut. Returns the outcome then.
+    fn fit(&mut self, kept: usize, text: &mut String) -> Option<Outcome> {
+        let room = self.max_bytes.saturating_sub(kept);
+        if text.len() <= room {
+            return None;
+        }
+        text.truncate(text.floor_char_boundary(room));
+        self.full = true;
+        Some(Outcome::failed(
+            FailureSource::Gateway,
+            ChatError {
+                code: "answer_too_large".into(),
+                message: format!(
+                    "the answer grew past {} bytes (MAX_ANSWER_BYTES): it was stopped, and keeps \
+                     what fits",
+                    self.max_bytes
+                ),
+                status: None,
+            },
+        ))
     }
 
     pub fn apply(&mut self, event: StreamEvent) -> Step {
@@ -179,22 +216,35 @@ impl Answer {
             event => event,
         };
         match event {
+            Event::AnswerDelta(_) | Event::AnswerReplaced(_) if self.full => Step::default(),
             Event::AnswerDelta(delta) if delta.is_empty() => Step::default(),
-            Event::AnswerDelta(delta) => {
+            Event::AnswerDelta(mut delta) => {
+                let terminal = self.fit(self.content.len(), &mut delta);
                 self.content.push_str(&delta);
-                relay(ChatEvent::AnswerDelta(AnswerDelta {
-                    message_id: unstamped(),
-                    seq: 0,
-                    delta,
-                }))
+                Step {
+                    relay: (!delta.is_empty()).then(|| {
+                        ChatEvent::AnswerDelta(AnswerDelta {
+                            message_id: unstamped(),
+                            seq: 0,
+                            delta,
+                        })
+                    }),
+                    terminal,
+                    ids_found: false,
+                }
             }
-            Event::AnswerReplaced(answer) => {
+            Event::AnswerReplaced(mut answer) => {
+                let terminal = self.fit(0, &mut answer);
                 self.content.clone_from(&answer);
-                relay(ChatEvent::AnswerReplaced(AnswerReplaced {
-                    message_id: unstamped(),
-                    seq: 0,
-                    answer,
-                }))
+                Step {
+                    relay: Some(ChatEvent::AnswerReplaced(AnswerReplaced {
+                        message_id: unstamped(),
+                        seq: 0,
+                        answer,
+                    })),
+                    terminal,
+                    ids_found: false,
+                }
             }
             Event::AgentThought(t) => {
                 let thought = AgentThought {
@@ -395,7 +445,7 @@ mod tests {
         let mut frames = Vec::new();
         decoder.push(transcript.as_bytes(), &mut frames);
         decoder.finish(&mut frames);
-        let mut answer = Answer::new(mode);
+        let mut answer = Answer::new(mode, usize::MAX);
         let mut relayed = Vec::new();
         let mut outcome: Option<Outcome> = None;
         for frame in frames {
@@ -596,5 +646,41 @@ mod tests {
             Outcome::Stopped
         );
         assert_eq!(Outcome::resolve(Some(dify.clone()), true), dify);
+    }
+
+    #[test]
+    fn an_answer_past_the_limit_ends_with_what_fits() {
+        let frame = |text: &str| {
+            decode(
+                &serde_json::json!({ "event": "message", "answer": text, "task_id": "t" })
+                    .to_string(),
+            )
+            .unwrap()
+        };
+        let mut answer = Answer::new(AppMode::Chat, 10);
+        assert!(answer.apply(frame("1234567")).terminal.is_none());
+        // "é" is two bytes: the cut never splits a character.
+        let step = answer.apply(frame("89é€"));
+        assert_eq!(answer.content, "123456789");
+        assert!(matches!(step.relay, Some(ChatEvent::AnswerDelta(ref d)) if d.delta == "89"));
+        assert_eq!(code(&step.terminal), Some("answer_too_large"));
+        assert!(answer.is_full());
+        let later = answer.apply(frame("more"));
+        assert!(later.relay.is_none() && later.terminal.is_none(), "dropped");
+        assert_eq!(answer.content, "123456789");
+        let dify_error = Outcome::failed(
+            FailureSource::Dify,
+            ChatError {
+                code: "internal".into(),
+                message: "x".into(),
+                status: None,
+            },
+        );
+        let merged = step.terminal.unwrap().merge(dify_error);
+        assert_eq!(
+            merged.label(),
+            "answer_too_large",
+            "the gateway's reason stands"
+        );
     }
 }

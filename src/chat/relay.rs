@@ -148,7 +148,7 @@ pub async fn run(
         assistant_message: answer.clone().into(),
     })));
     let mut relay = Relay {
-        answer: Answer::new(dify.mode),
+        answer: Answer::new(dify.mode, app.config.max_answer_bytes),
         app,
         dify,
         message_id: answer.id,
@@ -239,6 +239,10 @@ impl Relay {
                 .writer
                 .ids(self.message_id, &self.answer.ids, conversation);
             self.send_stop();
+        }
+        if self.answer.is_full() {
+            // Ended here, not by Dify: stop it generating (and billing) what nobody will see.
+            self.stop_at_dify();
         }
         if let Some(event) = step.relay {
             self.dirty |= matches!(

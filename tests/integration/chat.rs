@@ -913,7 +913,11 @@ async fn a_model_that_hangs_is_given_up_on_and_stopped_at_dify() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_that_stops_reading_is_dropped_and_the_answer_is_stored() {
-    let app = TestApp::spawn_with(|c| c.subscriber_buffer_bytes = 256 * 1024).await;
+    let app = TestApp::spawn_with(|c| {
+        c.subscriber_buffer_bytes = 256 * 1024;
+        c.max_answer_bytes = 15 << 20;
+    })
+    .await;
     let (admin, user) = app.admin_and_user().await;
     app.configure_dify(&admin, "chat").await;
     // 12 MiB: more than the kernel's socket buffers hold, so the gateway must queue or drop.
@@ -948,6 +952,33 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_the_answer_is_stored() {
     assert!(deltas < 1500, "dropped before the end");
     assert_eq!(error["extensions"]["code"], "LIMIT_EXCEEDED", "{error}");
     assert_eq!(error["extensions"]["limit"], "SUBSCRIBER_BUFFER_BYTES");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_past_max_answer_bytes_is_stopped_and_stored_failed_with_what_fits() {
+    let app = TestApp::spawn_with(|c| c.max_answer_bytes = 100_000).await;
+    let (admin, user) = app.admin_and_user().await;
+    app.configure_dify(&admin, "chat").await;
+    app.dify.push(Script::Flood {
+        deltas: 1000,
+        bytes: 1000,
+    });
+    let events = chat(&user, TRANSPORT_WS, json!({ "query": "flood me" })).await;
+    check_shape(&events);
+    let last = events.last().unwrap();
+    assert_eq!(last["__typename"], "ChatFailed", "{last}");
+    assert_eq!(last["error"]["code"], "answer_too_large");
+    assert_eq!(last["message"]["status"], "FAILED");
+    let relayed = answer_of(&events);
+    assert_eq!(relayed.len(), 100_000, "relayed up to the limit");
+    let id = last["messageId"].as_str().unwrap();
+    assert_eq!(stored(&app, id, "status").await, "FAILED");
+    assert_eq!(
+        stored(&app, id, "content").await,
+        relayed,
+        "stored what fits"
+    );
+    assert_eq!(app.dify.requests_to("/stop").len(), 1, "Dify was stopped");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -339,7 +339,10 @@ async fn aliases_directives_and_page_sizes_are_limited_before_execution() {
 
 /// Reads from a raw connection until the server closes it; `Err` if it is still open after
 /// `within`. Returns what was read.
-async fn closed_within(tcp: &mut tokio::net::TcpStream, within: std::time::Duration) -> Result<String, String> {
+async fn closed_within(
+    tcp: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Result<String, String> {
     use tokio::io::AsyncReadExt;
     let mut read = Vec::new();
     let outcome = tokio::time::timeout(within, async {
@@ -353,7 +356,9 @@ async fn closed_within(tcp: &mut tokio::net::TcpStream, within: std::time::Durat
     })
     .await;
     let text = String::from_utf8_lossy(&read).into_owned();
-    outcome.map(|()| text.clone()).map_err(|_| format!("still open; read {text:?}"))
+    outcome
+        .map(|()| text.clone())
+        .map_err(|_| format!("still open; read {text:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -365,11 +370,17 @@ async fn slow_and_idle_http_clients_are_disconnected() {
 
     // Headers dribbled slowly never complete a request.
     let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: rechat\r\n").await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: rechat\r\n")
+        .await
+        .unwrap();
     let dribble = async {
         for i in 0..20 {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            if slow.write_all(format!("X-Slow-{i}: yes\r\n").as_bytes()).await.is_err() {
+            if slow
+                .write_all(format!("X-Slow-{i}: yes\r\n").as_bytes())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -382,8 +393,12 @@ async fn slow_and_idle_http_clients_are_disconnected() {
 
     // A kept-alive connection that sends nothing more is closed.
     let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: rechat\r\n\r\n").await.unwrap();
-    let answer = closed_within(&mut idle, Duration::from_secs(4)).await.expect("idle connection closed");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: rechat\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut idle, Duration::from_secs(4))
+        .await
+        .expect("idle connection closed");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // A body announced and never sent is answered 408.
@@ -392,7 +407,9 @@ async fn slow_and_idle_http_clients_are_disconnected() {
         .write_all(b"POST /graphql HTTP/1.1\r\nHost: rechat\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n{\"query\":")
         .await
         .unwrap();
-    let answer = closed_within(&mut stalled, Duration::from_secs(5)).await.expect("stalled body ends");
+    let answer = closed_within(&mut stalled, Duration::from_secs(5))
+        .await
+        .expect("stalled body ends");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
@@ -431,17 +448,20 @@ async fn websockets_are_pinged_and_dead_peers_dropped() {
     let app = TestApp::spawn().await;
     let connect = || async {
         let mut request = app.ws_url().into_client_request().unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "graphql-transport-ws".parse().unwrap());
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
         tokio_tungstenite::connect_async(request).await.unwrap().0
     };
 
     // A live client answers pings (tungstenite does as it reads) and stays connected.
     let mut live = connect().await;
-    live.send(Message::Text(json!({ "type": "connection_init" }).to_string().into()))
-        .await
-        .unwrap();
+    live.send(Message::Text(
+        json!({ "type": "connection_init" }).to_string().into(),
+    ))
+    .await
+    .unwrap();
     let mut pings = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
     while let Ok(Some(message)) = tokio::time::timeout_at(deadline, live.next()).await {
@@ -474,12 +494,16 @@ async fn an_oversized_websocket_message_closes_with_1009() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = TestApp::spawn().await;
     let mut request = app.ws_url().into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "graphql-transport-ws".parse().unwrap());
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let huge = json!({ "type": "connection_init", "payload": { "pad": "x".repeat(300 * 1024) } });
-    socket.send(Message::Text(huge.to_string().into())).await.unwrap();
+    socket
+        .send(Message::Text(huge.to_string().into()))
+        .await
+        .unwrap();
     let code = loop {
         match socket.next().await {
             Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
