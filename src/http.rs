@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_graphql::Data;
-use async_graphql::http::{GraphiQLSource, WebSocketProtocols, WsMessage};
+use async_graphql::http::{WebSocketProtocols, WsMessage};
 use async_graphql::parser::types::{DocumentOperations, OperationType};
 use async_graphql_axum::GraphQLResponse;
 use axum::Json;
@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{FutureExt, SinkExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
@@ -59,6 +59,7 @@ pub fn router(app: App) -> Router {
     let mut router = Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/ws", get(graphql_ws_only))
+        .route("/graphiql/{file}", get(crate::graphiql::asset))
         .route("/schema.graphql", get(schema_sdl))
         .route(
             "/healthz",
@@ -364,22 +365,13 @@ fn operation_type(request: &async_graphql::Request) -> Option<OperationType> {
     }
 }
 
-/// GraphiQL, with subscriptions over the WebSocket on the same path.
-static GRAPHIQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    GraphiQLSource::build()
-        .endpoint("/graphql")
-        .subscription_endpoint("/graphql")
-        .title("rechat GraphiQL")
-        .finish()
-});
-
 async fn graphql_get(State(state): State<HttpState>, request: Request) -> Response {
     if is_websocket(request.headers()) {
         return websocket(state, request).await;
     }
     let query = request.uri().query().unwrap_or("");
     if !query.split('&').any(|pair| pair.starts_with("query=")) {
-        return Html(GRAPHIQL.as_str()).into_response();
+        return crate::graphiql::page().await.into_response();
     }
     let graphql_request = match async_graphql::http::parse_query_string(query) {
         Ok(r) => r,

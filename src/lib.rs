@@ -10,6 +10,7 @@ pub mod conversations;
 pub mod db;
 pub mod dify;
 pub mod error;
+pub mod graphiql;
 pub mod graphql;
 pub mod http;
 pub mod metrics;

@@ -111,6 +111,36 @@ async fn graphiql_schema_and_health_endpoints() {
     assert!(html.contains("graphiql") || html.contains("GraphiQL"));
     assert!(html.contains("/graphql"));
 
+    // Everything GraphiQL needs comes from rechat itself: it works offline.
+    assert!(
+        rechat::graphiql::BUNDLED,
+        "build.rs could not fetch GraphiQL's bundle"
+    );
+    let sources: Vec<&str> = html
+        .split(['"', '\''])
+        .filter(|part| part.ends_with(".js") || part.ends_with(".css"))
+        .collect();
+    assert_eq!(sources.len(), 4, "{sources:?}");
+    for source in sources {
+        assert!(source.starts_with("/graphiql/"), "{source}");
+        let asset = app.http.get(app.url(source)).send().await.unwrap();
+        assert_eq!(asset.status(), StatusCode::OK, "{source}");
+        let content_type = asset.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(
+            content_type.starts_with("text/"),
+            "{source}: {content_type}"
+        );
+        assert!(asset.bytes().await.unwrap().len() > 10_000, "{source}");
+    }
+    assert!(!html.contains("https://"), "no external resource");
+    let missing = app
+        .http
+        .get(app.url("/graphiql/nothing.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
     let sdl = app.get_text("/schema.graphql").await;
     assert_eq!(sdl, rechat::graphql::sdl());
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
