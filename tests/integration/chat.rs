@@ -916,6 +916,8 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_the_answer_is_stored() {
     let app = TestApp::spawn_with(|c| {
         c.subscriber_buffer_bytes = 256 * 1024;
         c.max_answer_bytes = 15 << 20;
+        // The client stops reading for seconds on purpose: no pongs meanwhile.
+        c.ws_keepalive = Duration::from_secs(60);
     })
     .await;
     let (admin, user) = app.admin_and_user().await;
