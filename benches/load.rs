@@ -1,5 +1,5 @@
 //! Load benchmark: `cargo bench --bench load [-- ROW …]` (rows: 1 200 1000 4000 8000 raw1 raw20
-//! freeze; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
+//! freeze neverread; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
 //!
 //! The gateway is the release binary in its own process, pinned to core 0 (`taskset`), on a
 //! fresh database of the local MariaDB (the freeze row's gateway reaches it through a TCP proxy
@@ -68,6 +68,8 @@ const ROWS: &[Row] = &[
         freeze: Some(Duration::from_secs(15)),
         ..row("freeze", 200, 100, 250)
     },
+    // Five clients that never read a 50 MB answer (its own table; see `never_reading`).
+    row("neverread", 5, 51_200, 0),
 ];
 
 const fn row(name: &'static str, streams: usize, deltas: usize, pause_ms: u64) -> Row {
@@ -82,31 +84,34 @@ const fn row(name: &'static str, streams: usize, deltas: usize, pause_ms: u64) -
 
 // ---------------------------------------------------------------- the emitter (a paced Dify)
 
-/// `query` is `n=<deltas>;p=<pause ms>`.
-fn plan(query: &str) -> (usize, Duration) {
+/// `query` is `n=<deltas>;p=<pause ms>[;b=<padding bytes per delta>]`.
+fn plan(query: &str) -> (usize, Duration, usize) {
     let mut n = 10;
     let mut pause = 0;
+    let mut padding = 0;
     for part in query.split(';') {
         match part.split_once('=') {
             Some(("n", v)) => n = v.parse().unwrap_or(n),
             Some(("p", v)) => pause = v.parse().unwrap_or(pause),
+            Some(("b", v)) => padding = v.parse().unwrap_or(padding),
             _ => {}
         }
     }
-    (n, Duration::from_millis(pause))
+    (n, Duration::from_millis(pause), padding)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 async fn chat_messages(Json(body): Json<Value>) -> Response {
-    let (n, pause) = plan(body["query"].as_str().unwrap_or_default());
+    let (n, pause, padding) = plan(body["query"].as_str().unwrap_or_default());
+    let padding = "x".repeat(padding);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let ids = format!(
         r#""conversation_id":"00000000-0000-4000-8000-{id:012}","message_id":"10000000-0000-4000-8000-{id:012}","task_id":"20000000-0000-4000-8000-{id:012}""#
     );
     let start = tokio::time::Instant::now();
     let frames = futures::stream::unfold(0usize, move |i| {
-        let ids = ids.clone();
+        let (ids, padding) = (ids.clone(), padding.clone());
         async move {
             if i > n {
                 return None;
@@ -118,7 +123,7 @@ async fn chat_messages(Json(body): Json<Value>) -> Response {
             }
             let frame = if i < n {
                 format!(
-                    "data: {{\"event\":\"message\",{ids},\"answer\":\"{} \",\"created_at\":0}}\n\n",
+                    "data: {{\"event\":\"message\",{ids},\"answer\":\"{} {padding}\",\"created_at\":0}}\n\n",
                     now_ns()
                 )
             } else {
@@ -223,39 +228,15 @@ async fn through_gateway(
 ) -> StreamResult {
     let mut result = StreamResult::default();
     let permit = connecting.acquire_owned().await.unwrap();
-    let mut request = format!("ws://127.0.0.1:{gateway}/graphql")
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let Ok((mut socket, _)) = tokio_tungstenite::connect_async(request).await else {
-        result.error = Some("connect failed".into());
-        return result;
-    };
-    let init = json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {token}") } });
-    socket
-        .send(Message::Text(init.to_string().into()))
-        .await
-        .unwrap();
-    loop {
-        match socket.next().await {
-            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => break,
-            Some(Ok(_)) => continue,
-            _ => {
-                result.error = Some("no connection_ack".into());
-                return result;
-            }
+    let mut socket = match open_socket(gateway, &token).await {
+        Ok(socket) => socket,
+        Err(error) => {
+            result.error = Some(error);
+            return result;
         }
-    }
+    };
     let begin = Instant::now();
-    let subscribe = json!({ "id": "1", "type": "subscribe", "payload": { "query": SUBSCRIPTION,
-        "variables": { "input": { "query": format!("n={n};p={}", pause.as_millis()) } } } });
-    socket
-        .send(Message::Text(subscribe.to_string().into()))
-        .await
-        .unwrap();
+    subscribe(&mut socket, &format!("n={n};p={}", pause.as_millis())).await;
     drop(permit);
     while let Some(Ok(message)) = socket.next().await {
         let Message::Text(text) = message else {
@@ -289,6 +270,81 @@ async fn through_gateway(
     }
     result.ok &= result.deltas == n;
     result
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A signed-in graphql-transport-ws socket.
+async fn open_socket(gateway: u16, token: &str) -> Result<Socket, String> {
+    let mut request = format!("ws://127.0.0.1:{gateway}/graphql")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let Ok((mut socket, _)) = tokio_tungstenite::connect_async(request).await else {
+        return Err("connect failed".into());
+    };
+    let init = json!({ "type": "connection_init", "payload": { "Authorization": format!("Bearer {token}") } });
+    socket
+        .send(Message::Text(init.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => return Ok(socket),
+            Some(Ok(_)) => continue,
+            _ => return Err("no connection_ack".into()),
+        }
+    }
+}
+
+/// Starts a chat whose query is the emitter's plan.
+async fn subscribe(socket: &mut Socket, plan: &str) {
+    let subscribe = json!({ "id": "1", "type": "subscribe", "payload": { "query": SUBSCRIPTION,
+        "variables": { "input": { "query": plan } } } });
+    socket
+        .send(Message::Text(subscribe.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// Five clients in a row, each starting a 50 MB answer and never reading it: the gateway's RSS
+/// over idle while each answer runs, and after each client left.
+async fn never_reading(gateway: &Gateway) {
+    let pid = gateway.child.id();
+    let idle = rss_kib(pid);
+    println!("\nnever-reading clients, one after another (idle RSS {:.1} MiB):", idle as f64 / 1024.0);
+    println!("| client | answer | peak RSS over idle MiB | RSS after it left, over idle |");
+    println!("|---|---|---|---|");
+    for client in 1..=5 {
+        let mut socket = open_socket(gateway.port, &gateway.token).await.unwrap();
+        // 51,200 deltas of 1 KiB, unpaced: 50 MiB.
+        subscribe(&mut socket, "n=51200;p=0;b=1000").await;
+        let mut peak = idle;
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while started.elapsed() < Duration::from_secs(120) {
+            peak = peak.max(rss_kib(pid));
+            let active = scrape(gateway.port).await;
+            if active.get("rechat_active_streams").copied().unwrap_or(0.0) == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(socket);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid);
+        println!(
+            "| {client} | ended in {:.1} s | {:+.1} | {:+.1} MiB ({:+.0} %) |",
+            started.elapsed().as_secs_f64(),
+            peak.saturating_sub(idle) as f64 / 1024.0,
+            (after as f64 - idle as f64) / 1024.0,
+            100.0 * (after as f64 - idle as f64) / idle as f64,
+        );
+    }
 }
 
 // ---------------------------------------------------------------- measurements
@@ -400,6 +456,9 @@ async fn start_gateway(database_url: &str, emitter_port: u16) -> Gateway {
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
         .env("RUST_LOG", "warn")
+        // One account drives every stream: lift the per-user limits.
+        .env("MAX_ACTIVE_ANSWERS_PER_USER", "1000000")
+        .env("CHAT_TURNS_PER_MINUTE", "1000000")
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("starting the gateway (taskset and the release binary)");
@@ -507,6 +566,10 @@ async fn run(rows: Vec<Row>, settle: Duration) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
+        if row.name == "neverread" {
+            never_reading(&main).await;
+            continue;
+        }
         let gateway = if row.freeze.is_some() {
             if frozen.is_none() {
                 let url = format!(
