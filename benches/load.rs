@@ -316,7 +316,10 @@ async fn subscribe(socket: &mut Socket, plan: &str) {
 async fn never_reading(gateway: &Gateway) {
     let pid = gateway.child.id();
     let idle = rss_kib(pid);
-    println!("\nnever-reading clients, one after another (idle RSS {:.1} MiB):", idle as f64 / 1024.0);
+    println!(
+        "\nnever-reading clients, one after another (idle RSS {:.1} MiB):",
+        idle as f64 / 1024.0
+    );
     println!("| client | answer | peak RSS over idle MiB | RSS after it left, over idle |");
     println!("|---|---|---|---|");
     for client in 1..=5 {

@@ -41,7 +41,16 @@ enum Command {
     },
 }
 
+/// mysql_async keeps up to 128 of its packet buffers for reuse, each up to this size (its default
+/// is 4 MiB): after a few answers of megabytes, the pool alone held hundreds of MiB for good.
+/// Statements are rarely larger; a larger one allocates and frees its own buffer.
+const MYSQL_BUFFER_SIZE_CAP: &str = "65536";
+
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("MYSQL_ASYNC_BUFFER_SIZE_CAP").is_none() {
+        // SAFETY: no other thread exists yet (the runtime starts below).
+        unsafe { std::env::set_var("MYSQL_ASYNC_BUFFER_SIZE_CAP", MYSQL_BUFFER_SIZE_CAP) };
+    }
     let cli = Cli::parse();
     if let Some(Command::Schema) = cli.command {
         print!("{}", rechat::graphql::sdl());

@@ -179,13 +179,13 @@ pub struct FinalAnswer<'a> {
 /// Writes the answer once at the end, in three statements and no transaction, and settles its
 /// tokens: each step is idempotent, so a retry after a failure in between repeats them all. A stop requested from any
 /// process turns COMPLETED into STOPPED. `None` when the message is gone (its conversation was
-/// deleted meanwhile).
+/// deleted meanwhile). Reads back only what the database decided, not the content just sent.
 pub async fn finish(
     conn: &mut AsyncMysqlConnection,
     id: MessageId,
     conversation: ConversationId,
     answer: FinalAnswer<'_>,
-) -> QueryResult<Option<MessageRecord>> {
+) -> QueryResult<Option<StoredAnswer>> {
     let completed = answer.status == MessageStatus::Completed;
     let status = case_when(
         messages::stop_requested.and(completed.into_sql::<Bool>()),
@@ -226,7 +226,22 @@ pub async fn finish(
         ))
         .execute(conn)
         .await?;
-    conversations_db::find_message(conn, id).await
+    messages::table
+        .find(id)
+        .select(StoredAnswer::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The columns of a finished answer that its final write does not set itself.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = messages, check_for_backend(diesel::mysql::Mysql))]
+pub struct StoredAnswer {
+    pub status: MessageStatus,
+    pub feedback: Option<crate::conversations::domain::Rating>,
+    pub created_at: chrono::NaiveDateTime,
+    pub updated_at: chrono::NaiveDateTime,
 }
 
 /// Answers still STREAMING whose last write is older than `stale_after` belong to a gateway that

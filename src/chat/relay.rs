@@ -366,7 +366,14 @@ impl Relay {
         };
         let stored = self.write_final(&final_answer).await;
         let message = match stored {
-            Stored::Written(message) => *message,
+            Stored::Written(stored) => {
+                let mut message =
+                    self.describe(&final_answer, stored.status, final_answer.error.clone());
+                message.feedback = stored.feedback;
+                message.created_at = crate::db::types::utc(stored.created_at);
+                message.updated_at = crate::db::types::utc(stored.updated_at);
+                message
+            }
             Stored::Deleted => {
                 tracing::info!(message.id = %self.message_id, "the conversation was deleted while answering");
                 self.describe(
@@ -416,13 +423,13 @@ impl Relay {
             let result = self
                 .app
                 .writer_db
-                .run(STATEMENT_TIMEOUT, async |conn| {
+                .run_moving(STATEMENT_TIMEOUT, answer.content.len(), async |conn| {
                     chat_db::finish(conn, self.message_id, self.conversation.id, answer.clone())
                         .await
                 })
                 .await;
             match result {
-                Ok(Some(record)) => return Stored::Written(Box::new(record.into())),
+                Ok(Some(stored)) => return Stored::Written(stored),
                 Ok(None) => return Stored::Deleted,
                 Err(error) if Instant::now() + pause < give_up => {
                     tracing::warn!(
@@ -444,7 +451,7 @@ impl Relay {
         }
     }
 
-    /// The answer as it is, for when it could not be stored.
+    /// The answer as the final write stores it (with `status` and `error` as given).
     fn describe(
         &self,
         answer: &FinalAnswer<'_>,
@@ -468,7 +475,7 @@ impl Relay {
 }
 
 enum Stored {
-    Written(Box<Message>),
+    Written(chat_db::StoredAnswer),
     /// The conversation was deleted while the answer streamed.
     Deleted,
     /// The database stayed away.

@@ -51,6 +51,10 @@ impl Pending {
         self.content.is_empty() && self.ids.is_empty() && self.conversations.is_empty()
     }
 
+    fn content_bytes(&self) -> usize {
+        self.content.values().map(String::len).sum()
+    }
+
     fn rows(&self) -> usize {
         self.content.len() + self.ids.len() + self.conversations.len()
     }
@@ -140,7 +144,9 @@ impl Writer {
         let result = self
             .0
             .db
-            .run(STATEMENT_TIMEOUT, async |conn| write(conn, &batch).await)
+            .run_moving(STATEMENT_TIMEOUT, batch.content_bytes(), async |conn| {
+                write(conn, &batch).await
+            })
             .await;
         match result {
             Ok(statements) => {

@@ -33,6 +33,9 @@ const SESSION_SETUP: &str = "SET time_zone = '+00:00', \
 /// dropped and the work counts as failed; a frozen server must not hold a writer forever.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Work moving more than this through a connection closes it afterwards (see `Db::run_moving`).
+pub const LARGE_PAYLOAD: usize = 1 << 20;
+
 /// A pool that records how long callers wait for a connection.
 #[derive(Clone)]
 pub struct Db {
@@ -75,6 +78,19 @@ impl Db {
         limit: Duration,
         work: impl AsyncFnOnce(&mut AsyncMysqlConnection) -> QueryResult<T>,
     ) -> anyhow::Result<T> {
+        self.run_moving(limit, 0, work).await
+    }
+
+    /// [`run`](Self::run) for work that sends or reads about `bytes`. A connection keeps its
+    /// read and write buffers as large as the largest packet it carried, for its whole life:
+    /// past [`LARGE_PAYLOAD`] it is closed after the work, so that a few answers of megabytes
+    /// do not leave every pooled connection holding megabytes.
+    pub async fn run_moving<T>(
+        &self,
+        limit: Duration,
+        bytes: usize,
+        work: impl AsyncFnOnce(&mut AsyncMysqlConnection) -> QueryResult<T>,
+    ) -> anyhow::Result<T> {
         let started = Instant::now();
         let mut conn = tokio::time::timeout(limit, self.get())
             .await
@@ -86,7 +102,12 @@ impl Db {
                 drop(Object::take(conn));
                 Err(error.into())
             }
-            Ok(result) => Ok(result?),
+            Ok(result) => {
+                if bytes > LARGE_PAYLOAD {
+                    drop(Object::take(conn));
+                }
+                Ok(result?)
+            }
             Err(_) => {
                 drop(Object::take(conn));
                 anyhow::bail!("MySQL did not answer within {limit:?}")
