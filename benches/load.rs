@@ -1,5 +1,5 @@
 //! Load benchmark: `cargo bench --bench load [-- ROW …]` (rows: 1 200 1000 4000 8000 raw1 raw20
-//! freeze neverread; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
+//! freeze neverread logins; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
 //!
 //! The gateway is the release binary in its own process, pinned to core 0 (`taskset`), on a
 //! fresh database of the local MariaDB (the freeze row's gateway reaches it through a TCP proxy
@@ -70,6 +70,8 @@ const ROWS: &[Row] = &[
     },
     // Five clients that never read a 50 MB answer (its own table; see `never_reading`).
     row("neverread", 5, 51_200, 0),
+    // Bursts of sign-ins (see `login_bursts`).
+    row("logins", 200, 0, 0),
 ];
 
 const fn row(name: &'static str, streams: usize, deltas: usize, pause_ms: u64) -> Row {
@@ -350,6 +352,60 @@ async fn never_reading(gateway: &Gateway) {
     }
 }
 
+/// Bursts of 200 sign-ins (50 at a time; argon2id, 19 MiB each): the gateway's RSS during each
+/// burst and 5 s after it.
+async fn login_bursts(gateway: &Gateway) {
+    let pid = gateway.child.id();
+    let idle = rss_kib(pid);
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/graphql", gateway.port);
+    println!(
+        "\nsign-in bursts (idle RSS {:.1} MiB):",
+        idle as f64 / 1024.0
+    );
+    println!("| burst | took | peak RSS over idle MiB | RSS 5 s later, over idle |");
+    println!("|---|---|---|---|");
+    for burst in 1..=3 {
+        let started = Instant::now();
+        let peak = std::sync::Arc::new(AtomicU64::new(idle));
+        let sampler = tokio::spawn({
+            let peak = peak.clone();
+            async move {
+                loop {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        let attempts = futures::stream::iter(0..200)
+            .map(|i| {
+                let request = http.post(&url).json(&json!({
+                    "query": "mutation($i: LoginInput!) { login(input: $i) { token } }",
+                    "variables": { "i": { "email": format!("nobody{burst}x{i}@example.com"), "password": "not the password" } },
+                }));
+                async move { request.send().await.map(|r| r.status()) }
+            })
+            .buffer_unordered(50)
+            .collect::<Vec<_>>()
+            .await;
+        sampler.abort();
+        assert!(
+            attempts
+                .iter()
+                .all(|a| a.as_ref().is_ok_and(|s| s.is_success()))
+        );
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = rss_kib(pid);
+        println!(
+            "| {burst} | {:.1} s | {:+.1} | {:+.1} MiB |",
+            took.as_secs_f64(),
+            AtomicU64::load(&peak, Ordering::Relaxed).saturating_sub(idle) as f64 / 1024.0,
+            (after as f64 - idle as f64) / 1024.0,
+        );
+    }
+}
+
 // ---------------------------------------------------------------- measurements
 
 struct Summary {
@@ -462,6 +518,7 @@ async fn start_gateway(database_url: &str, emitter_port: u16) -> Gateway {
         // One account drives every stream: lift the per-user limits.
         .env("MAX_ACTIVE_ANSWERS_PER_USER", "1000000")
         .env("CHAT_TURNS_PER_MINUTE", "1000000")
+        .env("AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS", "1000000")
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("starting the gateway (taskset and the release binary)");
@@ -571,6 +628,10 @@ async fn run(rows: Vec<Row>, settle: Duration) {
     for row in rows {
         if row.name == "neverread" {
             never_reading(&main).await;
+            continue;
+        }
+        if row.name == "logins" {
+            login_bursts(&main).await;
             continue;
         }
         let gateway = if row.freeze.is_some() {
