@@ -12,8 +12,11 @@ use std::process::Command;
 use base64::Engine as _;
 use sha2::{Digest, Sha512};
 
-/// (package@version, sha512 integrity, [(file in the package, name it is served under)])
-const PACKAGES: &[(&str, &str, &[(&str, &str)])] = &[
+/// (file in the package, name it is served under)
+type File = (&'static str, &'static str);
+
+/// (package@version, sha512 integrity, its files)
+const PACKAGES: &[(&str, &str, &[File])] = &[
     (
         "graphiql@4.0.3",
         "/kSuorVA1qzP796/gckJzpsRveoIsm/1UJI5a8QnI1NLlXvI3ILxSHOB6P7T6rooV+CRU8HfcWItPmqyxPjC3g==",

@@ -60,6 +60,9 @@ pub struct Config {
     pub body_timeout: Duration,
     /// How often WebSockets are pinged; one that answers nothing for two intervals is closed.
     pub ws_keepalive: Duration,
+    /// The longest a query, a mutation or a chat's start may wait (for a frozen database, say)
+    /// before it is answered `SERVICE_UNAVAILABLE`.
+    pub operation_timeout: Duration,
     /// `SUBSCRIBER_BUFFER_BYTES`: how far (in bytes of events) a subscriber may fall behind its
     /// answer before it is dropped; the answer goes on and is stored either way.
     pub subscriber_buffer_bytes: usize,
@@ -265,6 +268,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(15),
             body_timeout: Duration::from_secs(30),
             ws_keepalive: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(30),
             subscriber_buffer_bytes,
         })
     }
@@ -291,6 +295,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(2),
             body_timeout: Duration::from_secs(2),
             ws_keepalive: Duration::from_secs(1),
+            operation_timeout: Duration::from_secs(2),
             subscriber_buffer_bytes: 1 << 20,
             auth_attempts_per_minute_per_address: 30,
             trust_forwarded_for: false,

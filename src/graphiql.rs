@@ -53,9 +53,6 @@ const FILES: [&str; 4] = [
     "graphiql@4.0.3/graphiql.min.js",
 ];
 
-/// Whether the bundle is served by rechat (it is unless `build.rs` warned).
-pub const BUNDLED: bool = !ASSETS.is_empty();
-
 static PAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let [css, react, react_dom, graphiql] = FILES.map(|file| format!("{BASE}{file}"));
     format!(

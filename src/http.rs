@@ -77,7 +77,8 @@ pub fn router(app: App) -> Router {
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(cors_origins))
                 .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                // `Accept` too: the multipart subscription fallback's value is not CORS-safelisted.
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT])
                 .expose_headers([REQUEST_ID])
                 .max_age(Duration::from_secs(3600)),
         );
@@ -626,7 +627,13 @@ async fn serve_websocket(
     };
     // The session the connection signed in with, once `connection_init` was accepted.
     let signed_in = Arc::new(std::sync::OnceLock::<Session>::new());
-    let mut account_changes = state.app.account_events.subscribe();
+    // A stream, polled in place: a `recv()` made anew at every turn of the loop below would
+    // register and unregister with the process-wide channel once per batch of events.
+    let account_changes = futures::stream::unfold(
+        state.app.account_events.subscribe(),
+        |mut changes| async move { Some((changes.recv().await, changes)) },
+    );
+    futures::pin_mut!(account_changes);
     let on_init = {
         let (app, initialised, rejected, unavailable, signed_in) = (
             state.app.clone(),
@@ -706,7 +713,7 @@ async fn serve_websocket(
                 }
                 continue;
             }
-            changed = account_changes.recv(), if watching => {
+            Some(changed) = account_changes.next(), if watching => {
                 let session = signed_in.get().expect("watching a signed-in session");
                 let ours = match changed {
                     Ok(id) => id == session.user,

@@ -104,8 +104,6 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 ),
             })?;
 
-    let dify = app.dify().await?;
-    let mut conn = app.db.get().await?;
     // A WebSocket can outlive its token: the account is checked again at each turn, in the same
     // query that checks the token quota and the conversation's owner.
     let starter = Starter {
@@ -113,8 +111,10 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         token_version: viewer.token_version,
         default_quota: config.default_token_quota,
     };
-    let (conversation, question, answer) =
-        super::db::begin_turn(&mut conn, starter, conversation_id, &query)
+    let begin = async {
+        let dify = app.dify().await?;
+        let mut conn = app.db.get().await?;
+        let turn = super::db::begin_turn(&mut conn, starter, conversation_id, &query)
             .await
             .map_err(|error| match error {
                 BeginError::SessionInvalid => AppError::Unauthenticated(SESSION_INVALID),
@@ -122,7 +122,14 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 BeginError::QuotaExceeded(resets_at) => AppError::QuotaExceeded { resets_at },
                 BeginError::Db(error) => error.into(),
             })?;
-    drop(conn);
+        Ok::<_, AppError>((dify, turn))
+    };
+    // Nothing is sent to Dify before the turn is saved; a database that does not answer in time
+    // is an outage for this turn, not a hang.
+    let (dify, (conversation, question, answer)) =
+        tokio::time::timeout(config.operation_timeout, begin)
+            .await
+            .map_err(|_| AppError::Unavailable)??;
     let request = ChatRequest {
         query,
         inputs,

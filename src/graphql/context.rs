@@ -41,8 +41,13 @@ impl Viewer {
         let user = match app.accounts.get(session.user) {
             Some(user) => Some(user),
             None => {
-                let mut conn = app.db.get().await?;
-                let user = crate::users::db::find(&mut conn, session.user).await?;
+                let read = async {
+                    let mut conn = app.db.get().await?;
+                    Ok::<_, AppError>(crate::users::db::find(&mut conn, session.user).await?)
+                };
+                let user = tokio::time::timeout(app.config.operation_timeout, read)
+                    .await
+                    .map_err(|_| AppError::Unavailable)??;
                 if let Some(user) = &user {
                     app.accounts.put(user);
                 }

@@ -6,11 +6,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery,
+};
 use async_graphql::parser::types::{
     DocumentOperations, ExecutableDocument, FragmentDefinition, Selection, SelectionSet,
 };
-use async_graphql::{Name, Positioned, ServerError, ServerResult, Variables};
+use async_graphql::{Name, Positioned, Response, ServerError, ServerResult, Variables};
+
+use crate::app::App;
 
 /// Most aliases in one operation, counting those inside fragments each time they are spread.
 pub const MAX_ALIASES: usize = 15;
@@ -67,12 +71,45 @@ impl Extension for QueryLimits {
         }
         Ok(document)
     }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        // A query or mutation's statements have no other client-side timeout: one that waits
+        // for a frozen database ends here (HTTP 503) instead of holding its client for minutes.
+        // The interactive pool checks a connection before lending it again, so one left
+        // mid-statement is replaced.
+        let Some(limit) = ctx
+            .data_opt::<App>()
+            .map(|app| app.config.operation_timeout)
+        else {
+            return next.run(ctx, operation_name).await;
+        };
+        match tokio::time::timeout(limit, next.run(ctx, operation_name)).await {
+            Ok(response) => response,
+            Err(_) => Response::from_errors(vec![coded(
+                crate::error::SERVICE_UNAVAILABLE,
+                format!(
+                    "the operation did not finish within {} s: the database or Dify is too slow \
+                     now; retry later",
+                    limit.as_secs()
+                ),
+            )]),
+        }
+    }
 }
 
 fn refused(message: String) -> ServerError {
+    coded("BAD_USER_INPUT", message)
+}
+
+fn coded(code: &str, message: String) -> ServerError {
     let mut error = ServerError::new(message, None);
     let mut extensions = async_graphql::ErrorExtensionValues::default();
-    extensions.set("code", "BAD_USER_INPUT");
+    extensions.set("code", code);
     error.extensions = Some(extensions);
     error
 }

@@ -6,10 +6,10 @@
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
+use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 
 use crate::conversations::domain::MessageId;
-use crate::db::schema::{messages, token_usage, users};
+use crate::db::schema::{token_usage, users};
 use crate::users::domain::UserId;
 
 /// The first day of the month `at` is in.
@@ -77,41 +77,35 @@ pub async fn set_quota(
         .await
 }
 
-/// Adds an answer's tokens to its owner's period, once: the answer is marked settled in the same
-/// transaction, so a retried final write does not count them again.
+/// Adds an answer's tokens to its owner's period, once: in one transaction the answer is
+/// marked settled and, only if it was not yet, its tokens are added, so a retried final write
+/// never counts them twice. One round trip (the values are ids, a date and a number, written as
+/// literals), since it runs once per answer on the writer's pool.
 pub async fn settle(
     conn: &mut AsyncMysqlConnection,
     message: MessageId,
     user: UserId,
     tokens: u64,
 ) -> QueryResult<()> {
+    use diesel_async::SimpleAsyncConnection;
     let period = period_start(crate::db::types::now());
-    conn.transaction(async |conn| {
-        let first = diesel::update(
-            messages::table
-                .find(message)
-                .filter(messages::tokens_settled.eq(false)),
-        )
-        .set(messages::tokens_settled.eq(true))
-        .execute(conn)
-        .await?;
-        if first == 1 {
-            let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
-            diesel::insert_into(token_usage::table)
-                .values((
-                    token_usage::user_id.eq(user),
-                    token_usage::period_start.eq(period),
-                    token_usage::total_tokens.eq(tokens),
-                ))
-                .on_conflict(diesel::dsl::DuplicatedKeys)
-                .do_update()
-                .set(token_usage::total_tokens.eq(token_usage::total_tokens + tokens))
-                .execute(conn)
-                .await?;
-        }
-        Ok(())
-    })
-    .await
+    let (message, user) = (message.0.simple(), user.0.simple());
+    let tokens = tokens.min(i64::MAX as u64);
+    let script = format!(
+        "START TRANSACTION; \
+         UPDATE messages SET tokens_settled = TRUE \
+          WHERE id = X'{message}' AND tokens_settled = FALSE; \
+         INSERT INTO token_usage (user_id, period_start, total_tokens) \
+          SELECT X'{user}', '{period}', {tokens} FROM DUAL WHERE ROW_COUNT() = 1 \
+          ON DUPLICATE KEY UPDATE total_tokens = total_tokens + VALUES(total_tokens); \
+         COMMIT"
+    );
+    let result = conn.batch_execute(&script).await;
+    if result.is_err() {
+        // Never hand back a connection with the transaction open.
+        let _ = conn.batch_execute("ROLLBACK").await;
+    }
+    result
 }
 
 #[cfg(test)]

@@ -837,10 +837,12 @@ async fn answers_of_a_dead_gateway_become_interrupted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn subscriptions_also_stream_as_multipart_over_http() {
     let (app, _, token) = setup("chat").await;
+    // From a browser on an allowed origin (the preflight is tested with CORS).
     let body = app
         .http
         .post(app.url("/graphql"))
         .bearer_auth(&token)
+        .header("origin", "https://app.example.com")
         .header(
             "accept",
             "multipart/mixed;boundary=\"graphql\";subscriptionSpec=\"1.0\",application/json",
@@ -854,6 +856,10 @@ async fn subscriptions_also_stream_as_multipart_over_http() {
             .to_str()
             .unwrap()
             .starts_with("multipart/mixed")
+    );
+    assert_eq!(
+        body.headers()["access-control-allow-origin"],
+        "https://app.example.com"
     );
     let text = body.text().await.unwrap();
     let events: Vec<Value> = text

@@ -288,3 +288,50 @@ async fn an_answer_that_cannot_be_saved_ends_not_saved() {
     let metrics = app.get_text("/metrics").await;
     assert!(metrics.contains("rechat_answers_total{outcome=\"not_saved\"} 1"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_database_fails_operations_in_time_instead_of_hanging() {
+    // Tests give operations 2 s (30 s in production).
+    let (proxy, app) = behind_proxy(|_| {}).await;
+    let admin = app.register("frozen@example.com").await;
+    app.configure_dify(&admin, "chat").await;
+    let mut ws = admin.ws(TRANSPORT_WS).await;
+    proxy.freeze();
+    let started = Instant::now();
+    let answer = app
+        .http
+        .post(app.url("/graphql"))
+        .bearer_auth(admin.token.as_deref().unwrap())
+        .json(&json!({ "query": "{ conversations { totalCount } }" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 503);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(
+        crate::harness::error_code(&body),
+        "SERVICE_UNAVAILABLE",
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A chat's start: refused in time, and nothing reaches Dify.
+    let started = Instant::now();
+    ws.subscribe(CHAT, json!({ "input": { "query": "anyone there?" } }))
+        .await;
+    assert_eq!(ws.refused_code().await, "SERVICE_UNAVAILABLE");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(app.dify.requests_to("/chat-messages").is_empty());
+
+    proxy.thaw();
+    let events = crate::chat::chat(&admin, TRANSPORT_WS, json!({ "query": "and now?" })).await;
+    assert_eq!(events.last().unwrap()["__typename"], "ChatCompleted");
+}
