@@ -9,13 +9,11 @@ use base64::Engine as _;
 use rand::RngCore as _;
 use secrecy::ExposeSecret;
 
-use crate::admin::dify::DifyCache;
 use crate::auth::password::PasswordHasher;
 use crate::auth::token::Keys;
 use crate::chat::writer::Writer;
 use crate::config::Config;
 use crate::db::{self, Db};
-use crate::error::AppResult;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -31,7 +29,8 @@ pub struct Inner {
     /// The write-behind writer of live answers.
     pub writer: Writer,
     pub metrics: Arc<Metrics>,
-    pub dify_cache: DifyCache,
+    /// The connected Dify apps, as recently read.
+    pub app_cache: crate::apps::AppCache,
     /// Accounts as recently read, for token checks.
     pub accounts: crate::auth::accounts::AccountCache,
     pub keys: Keys,
@@ -60,7 +59,7 @@ impl Deref for App {
     }
 }
 
-pub use crate::admin::dify::Dify;
+pub use crate::apps::Dify;
 
 pub struct WeakApp(std::sync::Weak<Inner>);
 
@@ -117,7 +116,7 @@ impl App {
             writer_db,
             writer,
             metrics,
-            dify_cache: Default::default(),
+            app_cache: Default::default(),
             accounts: Default::default(),
             streams,
             writer_task,
@@ -132,10 +131,5 @@ impl App {
     /// A handle that does not keep the app alive, for background tasks that end with it.
     pub fn downgrade(&self) -> WeakApp {
         WeakApp(Arc::downgrade(&self.0))
-    }
-
-    /// The Dify client for the stored key, or `DIFY_NOT_CONFIGURED` (cached; see `admin::dify`).
-    pub async fn dify(&self) -> AppResult<Dify> {
-        self.dify_cache.get(self).await
     }
 }

@@ -84,6 +84,8 @@ pub struct Config {
     pub max_answer_bytes: usize,
     /// `MAX_CONNECTIONS`: open client connections (HTTP and WebSocket) per process.
     pub max_connections: usize,
+    /// `UPLOAD_MAX_BYTES`: the largest file accepted for an upload.
+    pub upload_max_bytes: u64,
 }
 
 /// The largest `MAX_ANSWER_BYTES`: an answer is one MEDIUMTEXT value in one statement.
@@ -251,6 +253,7 @@ impl Config {
             default_token_quota,
             max_answer_bytes,
             max_connections: limit("MAX_CONNECTIONS", 10_000)? as usize,
+            upload_max_bytes: limit("UPLOAD_MAX_BYTES", 15 << 20)?,
             database_url,
             secret_key,
             dify_api_url,
@@ -305,6 +308,7 @@ impl Config {
             default_token_quota: None,
             max_answer_bytes: 4 << 20,
             max_connections: 10_000,
+            upload_max_bytes: 15 << 20,
         }
     }
 
@@ -414,6 +418,7 @@ mod tests {
         assert_eq!(c.default_token_quota, None);
         assert_eq!(c.max_answer_bytes, 4 << 20);
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.upload_max_bytes, 15 << 20);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use async_graphql::ErrorExtensions;
 #[derive(Debug, Clone)]
 pub enum AppError {
     BadUserInput {
-        field: &'static str,
+        /// The input's path, e.g. `email` or `inputs.city`.
+        field: std::borrow::Cow<'static, str>,
         message: String,
     },
     Unauthenticated(&'static str),
@@ -20,6 +21,8 @@ pub enum AppError {
         retry_after: u64,
     },
     DifyNotConfigured,
+    /// The app named, or the conversation's app, is disabled or was deleted.
+    AppUnavailable,
     Upstream {
         code: String,
         message: String,
@@ -47,7 +50,15 @@ pub type AppResult<T> = Result<T, AppError>;
 impl AppError {
     pub fn bad_input(field: &'static str, message: impl Into<String>) -> Self {
         Self::BadUserInput {
-            field,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// `bad_input` for a field named at run time (`inputs.<variable>`).
+    pub fn bad_input_owned(field: String, message: impl Into<String>) -> Self {
+        Self::BadUserInput {
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -75,6 +86,9 @@ impl AppError {
                 status,
             } => format!("Dify answered {status} {code}: {message}"),
             Self::UpstreamUnavailable(message) => format!("Dify could not be reached: {message}"),
+            Self::AppUnavailable => {
+                "this Dify app is disabled or was deleted; pick another app".into()
+            }
             Self::Unavailable => "the database is unavailable; try again in a moment".into(),
             Self::LimitExceeded { message, .. } => message.clone(),
             Self::QuotaExceeded { resets_at } => format!(
@@ -94,6 +108,7 @@ impl AppError {
             Self::Conflict(_) => "CONFLICT",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::DifyNotConfigured => "DIFY_NOT_CONFIGURED",
+            Self::AppUnavailable => "APP_UNAVAILABLE",
             Self::Upstream { .. } => "UPSTREAM_ERROR",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::Unavailable => SERVICE_UNAVAILABLE,
@@ -144,7 +159,7 @@ impl ErrorExtensions for AppError {
         async_graphql::Error::new(self.message()).extend_with(|_, ext| {
             ext.set("code", self.code());
             match self {
-                Self::BadUserInput { field, .. } => ext.set("field", *field),
+                Self::BadUserInput { field, .. } => ext.set("field", field.as_ref()),
                 Self::RateLimited { retry_after } => ext.set("retryAfter", *retry_after),
                 Self::LimitExceeded { limit, max, .. } => {
                     ext.set("limit", *limit);

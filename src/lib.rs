@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod apps;
 pub mod auth;
 pub mod chat;
 pub mod config;

@@ -1,34 +1,13 @@
-//! The single `settings` row: the generated secret key and the Dify configuration.
+//! The single `settings` row: the generated secret key, and the lock for rare global decisions.
+//! (Its `dify_*` columns are the part-1 key, moved to `dify_apps` by a migration and no longer
+//! read.)
 
-use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 
 use crate::db::schema::settings;
 
 const ROW: i32 = 1;
-
-#[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = settings, check_for_backend(diesel::mysql::Mysql))]
-pub struct DifySettingsRecord {
-    pub dify_api_key_encrypted: Option<Vec<u8>>,
-    pub dify_api_key_preview: Option<String>,
-    pub dify_api_url: Option<String>,
-    pub dify_app_mode: Option<String>,
-    pub dify_app_name: Option<String>,
-    pub dify_updated_at: Option<NaiveDateTime>,
-}
-
-#[derive(Debug, AsChangeset)]
-#[diesel(table_name = settings, treat_none_as_null = true)]
-pub struct DifySettingsChange<'a> {
-    pub dify_api_key_encrypted: Option<&'a [u8]>,
-    pub dify_api_key_preview: Option<&'a str>,
-    pub dify_api_url: Option<&'a str>,
-    pub dify_app_mode: Option<&'a str>,
-    pub dify_app_name: Option<&'a str>,
-    pub dify_updated_at: Option<NaiveDateTime>,
-}
 
 /// Locks the settings row until the transaction ends: the lock for rare global decisions.
 pub async fn lock_settings(conn: &mut AsyncMysqlConnection) -> QueryResult<()> {
@@ -60,23 +39,4 @@ pub async fn secret_key_or_insert(
         .select(settings::secret_key.assume_not_null())
         .first(conn)
         .await
-}
-
-pub async fn dify(conn: &mut AsyncMysqlConnection) -> QueryResult<DifySettingsRecord> {
-    settings::table
-        .find(ROW)
-        .select(DifySettingsRecord::as_select())
-        .first(conn)
-        .await
-}
-
-pub async fn set_dify(
-    conn: &mut AsyncMysqlConnection,
-    change: &DifySettingsChange<'_>,
-) -> QueryResult<()> {
-    diesel::update(settings::table.find(ROW))
-        .set(change)
-        .execute(conn)
-        .await
-        .map(drop)
 }

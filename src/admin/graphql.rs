@@ -1,14 +1,14 @@
-//! Admin: the Dify configuration (`difyConfig`, `setDifyConfig`, `deleteDifyConfig`).
+//! Admin: the part-1 Dify configuration (`difyConfig`, `setDifyConfig`, `deleteDifyConfig`),
+//! deprecated: each acts on the default app (see `apps`).
 
 use async_graphql::{Context, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
 
-use crate::admin::db::{self, DifySettingsChange, DifySettingsRecord};
-use crate::admin::domain::{encrypt, preview};
-use crate::db::types::{now, utc};
-use crate::dify::{AppMode, DifyClient};
-use crate::error::{AppError, AppResult};
+use crate::app::App;
+use crate::apps::Apps;
+use crate::apps::graphql::{self as apps_graphql, CreateDifyAppInput, UpdateDifyAppInput};
+use crate::db::types::utc;
+use crate::error::AppResult;
 use crate::graphql::context::ContextExt;
 
 /// The Dify app rechat talks to. The API key itself is never returned.
@@ -29,16 +29,28 @@ pub struct DifyConfig {
 }
 
 impl DifyConfig {
-    fn from_record(record: DifySettingsRecord, default_url: &url::Url) -> Self {
+    fn of_default(app: &App, apps: &Apps) -> Self {
+        let Some(default) = apps.default_app() else {
+            return Self {
+                is_configured: false,
+                api_key_preview: None,
+                api_url: app.config.dify_api_url.to_string(),
+                app_mode: None,
+                app_name: None,
+                updated_at: None,
+            };
+        };
+        let record = &default.record;
         Self {
-            is_configured: record.dify_api_key_encrypted.is_some(),
-            api_key_preview: record.dify_api_key_preview,
+            is_configured: record.api_key_encrypted.is_some(),
+            api_key_preview: record.api_key_preview.clone(),
             api_url: record
-                .dify_api_url
-                .unwrap_or_else(|| default_url.to_string()),
-            app_mode: record.dify_app_mode,
-            app_name: record.dify_app_name,
-            updated_at: record.dify_updated_at.map(utc),
+                .api_url
+                .clone()
+                .unwrap_or_else(|| app.config.dify_api_url.to_string()),
+            app_mode: Some(record.mode.clone()),
+            app_name: Some(record.name.clone()),
+            updated_at: Some(utc(record.updated_at)),
         }
     }
 }
@@ -52,22 +64,24 @@ pub struct DifyConfigInput {
     pub api_url: Option<String>,
 }
 
-async fn current(ctx: &Context<'_>) -> AppResult<DifyConfig> {
-    let app = ctx.app();
-    let mut conn = app.db.get().await?;
-    let record = db::dify(&mut conn).await?;
-    Ok(DifyConfig::from_record(record, &app.config.dify_api_url))
+async fn current(app: &App) -> AppResult<DifyConfig> {
+    app.app_cache.invalidate();
+    let apps = app.apps().await?;
+    Ok(DifyConfig::of_default(app, &apps))
 }
+
 
 #[derive(Default)]
 pub struct AdminQuery;
 
 #[Object]
 impl AdminQuery {
-    /// The Dify configuration. Admin only.
+    /// The default app's configuration. Admin only.
+    #[graphql(deprecation = "Several apps: use apps and app(id); this shows the default app")]
     async fn dify_config(&self, ctx: &Context<'_>) -> AppResult<DifyConfig> {
         ctx.admin()?;
-        current(ctx).await
+        let app = ctx.app();
+        Ok(DifyConfig::of_default(app, &*app.apps().await?))
     }
 }
 
@@ -76,82 +90,50 @@ pub struct AdminMutation;
 
 #[Object]
 impl AdminMutation {
-    /// Sets the Dify API key (and optionally the base URL). Admin only. The key is first checked
-    /// against Dify's `/info`; nothing is stored unless Dify accepts it.
+    /// Sets the default app's API key (and optionally the base URL), creating the default app
+    /// when there is none. Admin only. The key is first checked against Dify; nothing is stored
+    /// unless Dify accepts it.
+    #[graphql(deprecation = "Several apps: use createDifyApp or updateDifyApp; this acts on the default app")]
     async fn set_dify_config(
         &self,
         ctx: &Context<'_>,
         input: DifyConfigInput,
     ) -> AppResult<DifyConfig> {
-        let admin = ctx.admin()?;
+        ctx.admin()?;
         let app = ctx.app();
-        let key = input.api_key.trim().to_owned();
-        if key.is_empty()
-            || key.len() > 512
-            || key.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(AppError::bad_input(
-                "apiKey",
-                "enter the Dify app's API key, like app-…",
-            ));
+        let default = app.apps().await?.default_app().map(|a| a.record.id);
+        match default {
+            Some(id) => {
+                let change = UpdateDifyAppInput {
+                    api_key: Some(input.api_key),
+                    api_url: Some(input.api_url.unwrap_or_default()),
+                    name: None,
+                    is_enabled: None,
+                    is_default: None,
+                };
+                apps_graphql::update(app, id, change).await?;
+            }
+            None => {
+                let create = CreateDifyAppInput {
+                    api_key: input.api_key,
+                    api_url: input.api_url,
+                    name: None,
+                    is_default: Some(true),
+                };
+                apps_graphql::create(app, create).await?;
+            }
         }
-        let url = match input
-            .api_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        {
-            Some(url) => crate::config::parse_http_url("apiUrl", url)
-                .map_err(|e| AppError::bad_input("apiUrl", e.expected))?,
-            None => app.config.dify_api_url.clone(),
-        };
-        let key = SecretString::from(key);
-        let client = DifyClient::new(app.dify_http.clone(), url.clone(), key.clone());
-        let info = client.info().await?;
-        if AppMode::parse(&info.mode).is_none() {
-            return Err(AppError::bad_input(
-                "apiKey",
-                format!("the Dify app's mode {:?} is not supported", info.mode),
-            ));
-        }
-        let sealed = encrypt(&app.keys.cipher_key, &key);
-        let key_preview = preview(secrecy::ExposeSecret::expose_secret(&key));
-        let mut conn = app.db.get().await?;
-        db::set_dify(
-            &mut conn,
-            &DifySettingsChange {
-                dify_api_key_encrypted: Some(&sealed),
-                dify_api_key_preview: Some(&key_preview),
-                dify_api_url: Some(url.as_str()),
-                dify_app_mode: Some(&info.mode),
-                dify_app_name: info.name.as_deref(),
-                dify_updated_at: Some(now()),
-            },
-        )
-        .await?;
-        app.dify_cache.invalidate();
-        tracing::info!(user.id = %admin.id, dify.app_mode = info.mode, dify.url = %url, "Dify configuration set");
-        current(ctx).await
+        current(app).await
     }
 
-    /// Removes the Dify API key; chat is unavailable until a new one is set. Admin only.
+    /// Deletes the default app; chat needs another app (or a new key) then. Admin only.
+    #[graphql(deprecation = "Several apps: use deleteDifyApp; this deletes the default app")]
     async fn delete_dify_config(&self, ctx: &Context<'_>) -> AppResult<DifyConfig> {
-        let admin = ctx.admin()?;
-        let mut conn = ctx.app().db.get().await?;
-        db::set_dify(
-            &mut conn,
-            &DifySettingsChange {
-                dify_api_key_encrypted: None,
-                dify_api_key_preview: None,
-                dify_api_url: None,
-                dify_app_mode: None,
-                dify_app_name: None,
-                dify_updated_at: Some(now()),
-            },
-        )
-        .await?;
-        ctx.app().dify_cache.invalidate();
-        tracing::info!(user.id = %admin.id, "Dify configuration deleted");
-        current(ctx).await
+        ctx.admin()?;
+        let app = ctx.app();
+        if let Some(id) = app.apps().await?.default_app().map(|a| a.record.id) {
+            apps_graphql::delete(app, id).await?;
+        }
+        current(app).await
     }
 }

@@ -1,6 +1,5 @@
-//! Admin: the settings row and the Dify configuration.
+//! Admin: the settings row, the Dify key at rest, and the deprecated part-1 Dify configuration.
 
 pub mod db;
-pub mod dify;
 pub mod domain;
 pub mod graphql;

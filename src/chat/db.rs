@@ -12,6 +12,7 @@ use crate::conversations::domain::{
 };
 use crate::db::schema::{conversations, messages, users};
 use crate::db::types::now;
+use crate::apps::AppId;
 use crate::users::domain::UserId;
 use crate::users::quota;
 
@@ -24,6 +25,8 @@ pub enum BeginError {
     ConversationNotFound,
     /// The account's token quota for the month is used up, until then.
     QuotaExceeded(chrono::DateTime<chrono::Utc>),
+    /// The turn's app refused it (unavailable, another app than the conversation's, inputs).
+    Refused(crate::error::AppError),
     Db(diesel::result::Error),
 }
 
@@ -43,13 +46,16 @@ pub struct Starter {
 }
 
 /// Everything a turn needs before Dify is called, in one transaction on one connection: the
-/// account, its token quota and the conversation's owner checked in one query, then the
-/// conversation (created on a first turn), the user's message and an empty STREAMING answer.
+/// account, its token quota and the conversation's owner checked in one query, then the turn's
+/// app chosen by `choose` (given the conversation's app, `None` for a new conversation; it may
+/// refuse the turn), then the conversation (created on a first turn), the user's message and an
+/// empty STREAMING answer.
 pub async fn begin_turn(
     conn: &mut AsyncMysqlConnection,
     starter: Starter,
     existing: Option<ConversationId>,
     query: &str,
+    choose: impl FnOnce(Option<Option<AppId>>) -> Result<AppId, crate::error::AppError> + Send,
 ) -> Result<(ConversationRecord, MessageRecord, MessageRecord), BeginError> {
     let Starter {
         owner,
@@ -98,6 +104,10 @@ pub async fn begin_turn(
         {
             return Err(BeginError::QuotaExceeded(quota::period_end(period)));
         }
+        if existing.is_some() && found.is_none() {
+            return Err(BeginError::ConversationNotFound);
+        }
+        let app = choose(found.as_ref().map(|c| c.app_id)).map_err(BeginError::Refused)?;
         let at = now();
         let conversation = match (existing, found) {
             (Some(_), None) => return Err(BeginError::ConversationNotFound),
@@ -118,6 +128,7 @@ pub async fn begin_turn(
                     message_count: 2,
                     created_at: at,
                     updated_at: at,
+                    app_id: Some(app),
                 };
                 conversations_db::insert(conn, &conversation).await?;
                 conversation

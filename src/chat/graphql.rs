@@ -11,7 +11,9 @@ use super::{dify_user, stop_message};
 use crate::conversations::db as conversations_db;
 use crate::conversations::domain::{ConversationId, MessageId, MessageRole, Rating};
 use crate::conversations::graphql::Message;
-use crate::dify::client::ChatRequest;
+use crate::apps::{AppId, Dify};
+use crate::dify::AppMode;
+use crate::dify::client::{ChatRequest, WORKFLOW_QUERY_INPUT};
 use crate::error::{AppError, AppResult, SESSION_INVALID};
 use crate::graphql::context::ContextExt;
 
@@ -29,8 +31,11 @@ pub struct ChatInput {
     /// variable `query`, unless `inputs` sets `query` itself.
     pub query: String,
     /// The Dify app's input variables, keyed by variable name; default `{}`; at most 64 KiB as
-    /// JSON.
+    /// JSON. Checked against the app's `userInputForm` before anything is saved.
     pub inputs: Option<Json<Value>>,
+    /// The app of a new conversation; the default app when omitted. A conversation keeps its
+    /// app: another id on a later turn is `BAD_USER_INPUT`.
+    pub app_id: Option<ID>,
 }
 
 #[derive(Default)]
@@ -51,6 +56,22 @@ impl ChatSubscription {
 
 /// The events of an answer; an error ends it when the subscriber fell too far behind.
 type ChatStream = BoxStream<'static, Result<ChatEvent, async_graphql::Error>>;
+
+/// The inputs a workflow app receives: the query goes in as the variable `query` unless the
+/// inputs set it (see `ChatInput.query`).
+fn with_workflow_query(
+    mode: AppMode,
+    inputs: &serde_json::Map<String, Value>,
+    query: &str,
+) -> serde_json::Map<String, Value> {
+    let mut inputs = inputs.clone();
+    if mode == AppMode::Workflow {
+        inputs
+            .entry(WORKFLOW_QUERY_INPUT)
+            .or_insert_with(|| Value::String(query.to_owned()));
+    }
+    inputs
+}
 
 /// Checks everything, saves the turn and spawns the relay; the stream is the relay's events.
 async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
@@ -86,6 +107,10 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         .conversation_id
         .map(|id| ConversationId::parse("conversationId", &id))
         .transpose()?;
+    let requested_app = input
+        .app_id
+        .map(|id| AppId::parse("appId", &id))
+        .transpose()?;
 
     let config = &app.config;
     app.throttles
@@ -112,16 +137,29 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         default_quota: config.default_token_quota,
     };
     let begin = async {
-        let dify = app.dify().await?;
+        let apps = app.apps().await?;
+        let mut chosen = None;
+        // Inside the turn's transaction, once the conversation's app is known: the app must take
+        // turns, and the inputs must fit its form.
+        let choose = |conversation_app| {
+            let (loaded, dify) = apps.for_turn(conversation_app, requested_app)?;
+            if let Some(parameters) = &loaded.parameters {
+                parameters.check_inputs(&with_workflow_query(dify.mode, &inputs, &query))?;
+            }
+            chosen = Some(dify.clone());
+            Ok(dify.id)
+        };
         let mut conn = app.db.get().await?;
-        let turn = super::db::begin_turn(&mut conn, starter, conversation_id, &query)
+        let turn = super::db::begin_turn(&mut conn, starter, conversation_id, &query, choose)
             .await
             .map_err(|error| match error {
                 BeginError::SessionInvalid => AppError::Unauthenticated(SESSION_INVALID),
                 BeginError::ConversationNotFound => AppError::NotFound("conversation"),
                 BeginError::QuotaExceeded(resets_at) => AppError::QuotaExceeded { resets_at },
+                BeginError::Refused(error) => error,
                 BeginError::Db(error) => error.into(),
             })?;
+        let dify = chosen.expect("a turn that began has its app");
         Ok::<_, AppError>((dify, turn))
     };
     // Nothing is sent to Dify before the turn is saved; a database that does not answer in time
@@ -175,8 +213,7 @@ impl ChatMutation {
         let user = ctx.user()?;
         let app = ctx.app();
         let id = MessageId::parse("messageId", &message_id)?;
-        let message = owned_assistant_message(ctx, user.id, id, "messageId").await?;
-        let dify = app.dify().await.ok();
+        let (message, dify) = owned_assistant_message(ctx, user.id, id, "messageId").await?;
         stop_message(app, dify.as_ref(), user.id, &message).await;
         let mut conn = app.db.get().await?;
         conversations_db::find_message(&mut conn, id)
@@ -207,54 +244,88 @@ impl ChatMutation {
                 "the comment must have at most 2000 characters",
             ));
         }
-        let message = owned_assistant_message(ctx, user.id, id, "messageId").await?;
+        let (message, dify) = owned_assistant_message(ctx, user.id, id, "messageId").await?;
         let mut conn = app.db.get().await?;
         conversations_db::set_feedback(&mut conn, id, rating).await?;
         let stored = conversations_db::find_message(&mut conn, id)
             .await?
             .ok_or(AppError::NotFound("message"))?;
         drop(conn);
-        if let Some(dify_message_id) = &message.dify_message_id {
+        if let (Some(dify_message_id), Some(dify)) = (&message.dify_message_id, dify) {
             let dify_rating = rating.map(|r| if r == Rating::Like { "like" } else { "dislike" });
-            match app.dify().await {
-                Ok(dify) => {
-                    if let Err(error) = dify
-                        .client
-                        .feedback(
-                            dify_message_id,
-                            dify_rating,
-                            content.as_deref(),
-                            &dify_user(user.id),
-                        )
-                        .await
-                    {
-                        tracing::warn!(message.id = %id, %error, "sending feedback to Dify failed");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(message.id = %id, error = error.message(), "feedback not sent to Dify")
-                }
+            if let Err(error) = dify
+                .client
+                .feedback(
+                    dify_message_id,
+                    dify_rating,
+                    content.as_deref(),
+                    &dify_user(user.id),
+                )
+                .await
+            {
+                tracing::warn!(message.id = %id, %error, "sending feedback to Dify failed");
             }
         }
         Ok(stored.into())
     }
 }
 
+#[derive(Default)]
+pub struct SuggestionQuery;
+
+#[Object]
+impl SuggestionQuery {
+    /// Dify's follow-up questions for one of your answers; `[]` when its app has them turned
+    /// off (`AppParameters.suggestedQuestionsAfterAnswer`), for an answer Dify did not store, or
+    /// once its app was deleted. `NOT_FOUND` for someone else's message.
+    async fn suggested_questions(
+        &self,
+        ctx: &Context<'_>,
+        message_id: ID,
+    ) -> AppResult<Vec<String>> {
+        let user = ctx.user()?;
+        let id = MessageId::parse("messageId", &message_id)?;
+        let (message, dify) = owned_assistant_message(ctx, user.id, id, "messageId").await?;
+        let (Some(dify_message_id), Some(dify)) = (message.dify_message_id, dify) else {
+            return Ok(Vec::new());
+        };
+        let apps = ctx.app().apps().await?;
+        let disabled = apps
+            .get(dify.id)
+            .and_then(|app| app.parameters.as_ref())
+            .is_some_and(|p| !p.suggested_questions_after_answer);
+        if disabled || !dify.mode.has_conversations() {
+            return Ok(Vec::new());
+        }
+        Ok(dify
+            .client
+            .suggested(&dify_message_id, &dify_user(user.id))
+            .await?)
+    }
+}
+
+/// One of `user`'s answers, with the Dify app of its conversation (`None`: deleted, or none).
 async fn owned_assistant_message(
     ctx: &Context<'_>,
     user: crate::users::domain::UserId,
     id: MessageId,
     field: &'static str,
-) -> AppResult<conversations_db::MessageRecord> {
-    let mut conn = ctx.app().db.get().await?;
-    let message = conversations_db::find_message_owned(&mut conn, id, user)
+) -> AppResult<(conversations_db::MessageRecord, Option<Dify>)> {
+    let app = ctx.app();
+    let mut conn = app.db.get().await?;
+    let (message, app_id) = conversations_db::find_message_owned(&mut conn, id, user)
         .await?
         .ok_or(AppError::NotFound("message"))?;
+    drop(conn);
     if message.role != MessageRole::Assistant {
         return Err(AppError::bad_input(
             field,
             "this is a user message; pass an assistant message's id",
         ));
     }
-    Ok(message)
+    let dify = app.dify_of(app_id).await.unwrap_or_else(|error| {
+        tracing::warn!(error = error.message(), "the app of a message could not be read");
+        None
+    });
+    Ok((message, dify))
 }

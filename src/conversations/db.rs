@@ -7,6 +7,7 @@ use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
 use crate::conversations::domain::{ConversationId, MessageId, MessageRole, MessageStatus, Rating};
+use crate::apps::AppId;
 use crate::db::schema::{conversations, messages};
 use crate::db::types::now;
 use crate::users::domain::UserId;
@@ -23,6 +24,8 @@ pub struct ConversationRecord {
     pub message_count: i32,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    /// The app it belongs to; `None` for a conversation from before apps (the default app).
+    pub app_id: Option<crate::apps::AppId>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Identifiable, Insertable)]
@@ -221,6 +224,8 @@ pub struct ConversationFilter<'a> {
     /// is bounded to one owner's conversations (the `conversations_list` index, then
     /// `messages_by_conversation` per candidate) and stops at the first matching message.
     pub search: Option<&'a str>,
+    /// Only the conversations of this app.
+    pub app: Option<AppId>,
 }
 
 fn filtered<'a>(
@@ -230,6 +235,9 @@ fn filtered<'a>(
         .filter(conversations::user_id.eq(filter.owner))
         .filter(conversations::is_archived.eq(filter.archived))
         .into_boxed();
+    if let Some(app) = filter.app {
+        query = query.filter(conversations::app_id.eq(app));
+    }
     if let Some(pattern) = filter.search {
         let in_messages = messages::table
             .filter(messages::conversation_id.eq(conversations::id))
@@ -279,15 +287,16 @@ pub async fn count(
 }
 
 /// A message, with its conversation's owner checked.
+/// One of `owner`'s messages, with its conversation's app.
 pub async fn find_message_owned(
     conn: &mut AsyncMysqlConnection,
     id: MessageId,
     owner: UserId,
-) -> QueryResult<Option<MessageRecord>> {
+) -> QueryResult<Option<(MessageRecord, Option<AppId>)>> {
     messages::table
         .inner_join(conversations::table)
         .filter(messages::id.eq(id).and(conversations::user_id.eq(owner)))
-        .select(MessageRecord::as_select())
+        .select((MessageRecord::as_select(), conversations::app_id))
         .first(conn)
         .await
         .optional()

@@ -15,6 +15,8 @@ use crate::conversations::domain::{
     ConversationId, MessageId, MessageRole, MessageStatus, Rating, clean_title,
 };
 use crate::db::types::utc;
+use crate::apps::AppId;
+use crate::apps::graphql::DifyApp;
 use crate::error::{AppError, AppResult};
 use crate::graphql::context::ContextExt;
 use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};
@@ -40,6 +42,8 @@ pub struct Conversation {
     pub updated_at: DateTime<Utc>,
     #[graphql(skip)]
     pub record_id: ConversationId,
+    #[graphql(skip)]
+    pub app_id: Option<AppId>,
 }
 
 impl From<&ConversationRecord> for Conversation {
@@ -53,12 +57,25 @@ impl From<&ConversationRecord> for Conversation {
             created_at: utc(c.created_at),
             updated_at: utc(c.updated_at),
             record_id: c.id,
+            app_id: c.app_id,
         }
     }
 }
 
 #[ComplexObject]
 impl Conversation {
+    /// The app the conversation belongs to; null once that app was deleted (the conversation
+    /// stays readable and takes no new turns). Disabled apps are shown to their conversations'
+    /// owners too.
+    async fn app(&self, ctx: &Context<'_>) -> AppResult<Option<DifyApp>> {
+        let apps = ctx.app().apps().await?;
+        let app = match self.app_id {
+            Some(id) => apps.get(id),
+            None => apps.default_app(),
+        };
+        Ok(app.map(DifyApp::from))
+    }
+
     /// The conversation's messages, oldest first. Page forward with `first`/`after` or backward
     /// with `last`/`before` (e.g. `last: 20` for the newest twenty); the default is `first: 20`.
     #[graphql(complexity = "crate::graphql::limits::page_cost(first, last, child_complexity)")]
@@ -365,7 +382,9 @@ impl ConversationQuery {
         archived: Option<bool>,
         #[graphql(desc = "Words to look for in titles and messages (at most 200 characters).")]
         search: Option<String>,
+        #[graphql(desc = "Only the conversations of this app.")] app_id: Option<ID>,
     ) -> AppResult<Page<Conversation>> {
+        let app = app_id.map(|id| AppId::parse("appId", &id)).transpose()?;
         let user = ctx.user()?;
         let limit = page_size("first", first.unwrap_or(20))?;
         let archived = archived.unwrap_or(false);
@@ -386,6 +405,7 @@ impl ConversationQuery {
             owner: user.id,
             archived,
             search: pattern.as_deref(),
+            app,
         };
         let mut conn = ctx.app().db.get().await?;
         let rows = db::page(&mut conn, &filter, after, limit + 1).await?;
@@ -445,7 +465,7 @@ impl ConversationQuery {
         let mut conn = ctx.app().db.get().await?;
         Ok(db::find_message_owned(&mut conn, id, user.id)
             .await?
-            .map(Message::from))
+            .map(|(message, _)| Message::from(message)))
     }
 }
 
@@ -476,8 +496,8 @@ impl ConversationMutation {
             .ok_or(AppError::NotFound("conversation"))?;
         drop(conn);
         if let (Some(title), Some(dify_id)) = (&change.title, &conversation.dify_conversation_id) {
-            match app.dify().await {
-                Ok(dify) => {
+            match app.dify_of(conversation.app_id).await {
+                Ok(Some(dify)) => {
                     if let Err(error) = dify
                         .client
                         .rename_conversation(dify_id, title, &crate::chat::dify_user(user.id))
@@ -486,7 +506,7 @@ impl ConversationMutation {
                         tracing::warn!(conversation.id = %id, %error, "renaming the conversation in Dify failed");
                     }
                 }
-                Err(AppError::DifyNotConfigured) => {}
+                Ok(None) => {}
                 Err(error) => {
                     tracing::warn!(conversation.id = %id, error = error.message(), "renaming in Dify skipped")
                 }
@@ -502,11 +522,7 @@ impl ConversationMutation {
         let id = ConversationId::parse("id", &id)?;
         let app = ctx.app();
         let conversation = owned_conversation(ctx, user, id).await?;
-        let dify = match app.dify().await {
-            Ok(dify) => Some(dify),
-            Err(AppError::DifyNotConfigured) => None,
-            Err(error) => return Err(error),
-        };
+        let dify = app.dify_of(conversation.app_id).await?;
         let mut conn = app.db.get().await?;
         for message in db::streaming_messages(&mut conn, id).await? {
             crate::chat::stop_message(app, dify.as_ref(), user.id, &message).await;

@@ -48,6 +48,27 @@ diesel::table! {
         message_count -> Integer,
         created_at -> Datetime,
         updated_at -> Datetime,
+        app_id -> Nullable<Binary>,
+    }
+}
+
+diesel::table! {
+    dify_apps (id) {
+        id -> Binary,
+        name -> Varchar,
+        name_is_custom -> Bool,
+        description -> Nullable<Text>,
+        mode -> Varchar,
+        api_url -> Nullable<Varchar>,
+        api_key_encrypted -> Nullable<Varbinary>,
+        api_key_preview -> Nullable<Varchar>,
+        is_default -> Bool,
+        is_enabled -> Bool,
+        parameters -> Nullable<Mediumtext>,
+        parameters_at -> Nullable<Datetime>,
+        deleted_at -> Nullable<Datetime>,
+        created_at -> Datetime,
+        updated_at -> Datetime,
     }
 }
 
@@ -78,10 +99,13 @@ diesel::joinable!(conversations -> users (user_id));
 diesel::joinable!(messages -> conversations (conversation_id));
 diesel::joinable!(token_usage -> users (user_id));
 
+diesel::joinable!(conversations -> dify_apps (app_id));
+
 diesel::allow_tables_to_appear_in_same_query!(
     users,
     settings,
     conversations,
     messages,
-    token_usage
+    token_usage,
+    dify_apps
 );

@@ -48,6 +48,8 @@ impl AppMode {
 pub struct AppInfo {
     #[serde(default)]
     pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
     pub mode: String,
 }
 
@@ -143,6 +145,42 @@ impl DifyClient {
             .json::<AppInfo>()
             .await
             .map_err(|_| DifyError::Unavailable("Dify's /info answer was not understood".into()))
+    }
+
+    /// `GET /parameters`: the app's form, features and upload settings, as Dify sends them.
+    pub async fn parameters(&self) -> Result<Value, DifyError> {
+        self.get_json("parameters", &[]).await
+    }
+
+    /// `GET /messages/{id}/suggested`: Dify's follow-up questions for an answer; `[]` when the
+    /// app has them turned off.
+    pub async fn suggested(&self, message_id: &str, user: &str) -> Result<Vec<String>, DifyError> {
+        let path = format!("messages/{message_id}/suggested");
+        match self.get_json(&path, &[("user", user)]).await {
+            Ok(answer) => Ok(answer
+                .get("data")
+                .and_then(Value::as_array)
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|q| q.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()),
+            // "Suggested Questions Is Disabled."
+            Err(DifyError::Api { status: 400, ref code, .. }) if code == "bad_request" => {
+                Ok(Vec::new())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn get_json(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, DifyError> {
+        let request = self.request(reqwest::Method::GET, path).query(query);
+        let response = self.send(request.timeout(CALL_TIMEOUT)).await?;
+        response.json::<Value>().await.map_err(|_| {
+            DifyError::Unavailable(format!("Dify's /{path} answer was not understood"))
+        })
     }
 
     /// Starts a streaming run on the endpoint of `mode` and returns its events.

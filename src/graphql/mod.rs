@@ -7,15 +7,22 @@ pub mod pagination;
 use async_graphql::{MergedObject, MergedSubscription, Schema, SchemaBuilder};
 
 use crate::admin::graphql::{AdminMutation, AdminQuery};
+use crate::apps::graphql::{AppMutation, AppQuery};
 use crate::app::App;
 use crate::auth::graphql::AuthMutation;
-use crate::chat::graphql::{ChatMutation, ChatSubscription};
+use crate::chat::graphql::{ChatMutation, ChatSubscription, SuggestionQuery};
 use crate::conversations::graphql::{ConversationMutation, ConversationQuery};
 use crate::users::graphql::{UserMutation, UserQuery};
 
 /// Reads: your account, your conversations and messages, and (admins) users and Dify settings.
 #[derive(MergedObject, Default)]
-pub struct Query(UserQuery, ConversationQuery, AdminQuery);
+pub struct Query(
+    UserQuery,
+    ConversationQuery,
+    SuggestionQuery,
+    AppQuery,
+    AdminQuery,
+);
 
 /// Changes: sign-up and sign-in, conversations, answers, and (admins) users and Dify settings.
 #[derive(MergedObject, Default)]
@@ -23,6 +30,7 @@ pub struct Mutation(
     AuthMutation,
     ConversationMutation,
     ChatMutation,
+    AppMutation,
     AdminMutation,
     UserMutation,
 );

@@ -433,10 +433,10 @@ async fn dify_failures_end_in_chat_failed_with_the_partial_answer_kept() {
     );
 
     // Dify unreachable altogether.
-    app.sql("UPDATE settings SET dify_api_url = 'http://127.0.0.1:9/v1'")
+    app.sql("UPDATE dify_apps SET api_url = 'http://127.0.0.1:9/v1'")
         .await;
     // Changed behind the gateway's back: as another gateway would, after the cache's TTL.
-    app.app.dify_cache.invalidate();
+    app.app.app_cache.invalidate();
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
     assert_eq!(
         events.last().unwrap()["error"]["code"],
@@ -685,7 +685,7 @@ async fn dify_config_is_checked_encrypted_and_masked() {
     assert_eq!(config["appMode"], "chat");
     assert_eq!(config["appName"], "Fake HR Assistant");
     assert!(!set.to_string().contains(DIFY_KEY));
-    let stored = app.sql_strings("SELECT CONCAT_WS('|', HEX(dify_api_key_encrypted), dify_api_key_preview, dify_api_url) AS value FROM settings").await;
+    let stored = app.sql_strings("SELECT CONCAT_WS('|', HEX(api_key_encrypted), api_key_preview, api_url) AS value FROM dify_apps").await;
     assert!(
         !stored[0].contains(DIFY_KEY) && !stored[0].contains(&hex(DIFY_KEY)),
         "the key is stored encrypted"

@@ -20,6 +20,8 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     // No background tick: this test drives the writer by hand.
     let app = TestApp::spawn_with(|c| c.flush_interval = Duration::from_secs(3600)).await;
     let user = app.register("writer@example.com").await;
+    app.configure_dify(&user, "chat").await;
+    let default_app = app.app.dify().await.unwrap().id;
     let session = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
     let starter = Starter {
         owner: session.user,
@@ -30,7 +32,9 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     let mut conn = app.app.db.get().await.unwrap();
     for i in 0..600 {
         let (conversation, _, answer) =
-            begin_turn(&mut conn, starter, None, &format!("question {i}"))
+            begin_turn(&mut conn, starter, None, &format!("question {i}"), |_| {
+                Ok(default_app)
+            })
                 .await
                 .unwrap();
         answers.push((conversation.id, answer.id));

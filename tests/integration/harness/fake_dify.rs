@@ -80,6 +80,36 @@ struct FakeState {
     /// Conversation ids this fake issued, and to which user.
     conversations: Mutex<HashMap<String, String>>,
     stopped_tasks: Mutex<HashSet<String>>,
+    /// `/parameters` of the main key (`DIFY_KEY`).
+    parameters: Mutex<Value>,
+    /// More apps, by key: their mode and `/parameters`.
+    apps: Mutex<HashMap<String, (String, Value)>>,
+}
+
+/// What `/parameters` answers unless a test sets it: a chat app with an opening statement,
+/// starter questions, follow-ups on, no input form and image uploads.
+pub fn default_parameters() -> Value {
+    json!({
+        "opening_statement": "Hello! I answer questions about your leave.",
+        "suggested_questions": ["How many days of leave do I have?"],
+        "suggested_questions_after_answer": { "enabled": true },
+        "speech_to_text": { "enabled": false },
+        "text_to_speech": { "enabled": false, "voice": "", "language": "", "autoPlay": "disabled" },
+        "retriever_resource": { "enabled": true },
+        "annotation_reply": { "enabled": false },
+        "more_like_this": { "enabled": false },
+        "sensitive_word_avoidance": { "enabled": false },
+        "user_input_form": [],
+        "file_upload": {
+            "enabled": true,
+            "allowed_file_types": ["image"],
+            "allowed_file_extensions": [],
+            "allowed_file_upload_methods": ["local_file", "remote_url"],
+            "number_limits": 3,
+            "image": { "enabled": true, "number_limits": 3, "transfer_methods": ["local_file", "remote_url"] }
+        },
+        "system_parameters": { "file_size_limit": 15, "image_file_size_limit": 10, "audio_file_size_limit": 50, "video_file_size_limit": 100, "workflow_file_upload_limit": 10 }
+    })
 }
 
 #[derive(Clone)]
@@ -109,10 +139,13 @@ impl FakeDify {
     pub async fn serve(listener: tokio::net::TcpListener, mode: &str) -> Self {
         let state = Arc::new(FakeState {
             mode: Mutex::new(mode.into()),
+            parameters: Mutex::new(default_parameters()),
             ..Default::default()
         });
         let router = Router::new()
             .route("/v1/info", get(info))
+            .route("/v1/parameters", get(parameters))
+            .route("/v1/messages/{id}/suggested", get(suggested))
             .route("/v1/chat-messages", post(chat_messages))
             .route("/v1/completion-messages", post(chat_messages))
             .route("/v1/workflows/run", post(chat_messages))
@@ -133,6 +166,22 @@ impl FakeDify {
             url: format!("http://{addr}/v1"),
             state,
         }
+    }
+
+    /// What `/parameters` answers for `DIFY_KEY`.
+    #[allow(dead_code)]
+    pub fn set_parameters(&self, parameters: Value) {
+        *self.state.parameters.lock().unwrap() = parameters;
+    }
+
+    /// Another app, reached with `key`.
+    #[allow(dead_code)]
+    pub fn add_app(&self, key: &str, mode: &str, parameters: Value) {
+        self.state
+            .apps
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), (mode.to_owned(), parameters));
     }
 
     pub fn set_mode(&self, mode: &str) {
@@ -180,16 +229,26 @@ impl FakeState {
         });
     }
 
-    fn check_key(&self, headers: &HeaderMap) -> Result<(), Response> {
-        match headers.get("authorization").and_then(|v| v.to_str().ok()) {
-            None => Err(dify_error(
+    /// The mode and `/parameters` of the app the request's key opens, or Dify's 401.
+    fn check_key(&self, headers: &HeaderMap) -> Result<(String, Value), Response> {
+        let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+            return Err(dify_error(
                 401,
                 "unauthorized",
                 "Authorization header must be provided and start with 'Bearer'",
-            )),
-            Some(value) if value == format!("Bearer {DIFY_KEY}") => Ok(()),
-            Some(_) => Err(dify_error(401, "unauthorized", "Access token is invalid")),
+            ));
+        };
+        let key = value.strip_prefix("Bearer ").unwrap_or_default();
+        if key == DIFY_KEY {
+            let mode = self.mode.lock().unwrap().clone();
+            return Ok((mode, self.parameters.lock().unwrap().clone()));
         }
+        self.apps
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| dify_error(401, "unauthorized", "Access token is invalid"))
     }
 }
 
@@ -203,8 +262,54 @@ async fn info(
     if let Err(response) = state.check_key(&headers) {
         return response;
     }
-    let mode = state.mode.lock().unwrap().clone();
-    Json(json!({ "name": "Fake HR Assistant", "description": "", "tags": [], "mode": mode, "author_name": "test" }))
+    let (mode, _) = match state.check_key(&headers) {
+        Ok(app) => app,
+        Err(response) => return response,
+    };
+    let main = headers
+        .get("authorization")
+        .is_some_and(|v| v.to_str().ok() == Some(&format!("Bearer {DIFY_KEY}")));
+    let name = if main {
+        "Fake HR Assistant".to_owned()
+    } else {
+        format!("Fake {mode} app")
+    };
+    Json(json!({ "name": name, "description": "A fake Dify app", "tags": [], "mode": mode, "author_name": "test" }))
+        .into_response()
+}
+
+async fn parameters(
+    State(state): State<Arc<FakeState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    state.record(&method, &uri, &headers, Value::Null);
+    match state.check_key(&headers) {
+        Ok((_, parameters)) => Json(parameters).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// `GET /messages/{id}/suggested`: three follow-ups, or Dify's refusal when they are off.
+async fn suggested(
+    State(state): State<Arc<FakeState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    state.record(&method, &uri, &headers, Value::Null);
+    let (_, parameters) = match state.check_key(&headers) {
+        Ok(app) => app,
+        Err(response) => return response,
+    };
+    if !uri.query().unwrap_or_default().contains("user=rechat-") {
+        return dify_error(400, "invalid_param", "Arg user must be provided.");
+    }
+    if parameters["suggested_questions_after_answer"]["enabled"] != true {
+        return dify_error(400, "bad_request", "Suggested Questions Is Disabled.");
+    }
+    Json(json!({ "result": "success", "data": ["Can I carry days over?", "Who approves leave?", "What about sick days?"] }))
         .into_response()
 }
 
@@ -257,7 +362,7 @@ async fn rename(
     state.record(&method, &uri, &headers, body.clone());
     if let Err(response) = state
         .check_key(&headers)
-        .and_then(|()| known_conversation(&state, &id, &body))
+        .and_then(|_| known_conversation(&state, &id, &body))
     {
         return response;
     }
@@ -275,7 +380,7 @@ async fn delete_conversation(
     state.record(&method, &uri, &headers, body.clone());
     if let Err(response) = state
         .check_key(&headers)
-        .and_then(|()| known_conversation(&state, &id, &body))
+        .and_then(|_| known_conversation(&state, &id, &body))
     {
         return response;
     }
@@ -299,10 +404,21 @@ async fn chat_messages(
     Json(body): Json<Value>,
 ) -> Response {
     state.record(&method, &uri, &headers, body.clone());
-    if let Err(response) = state.check_key(&headers) {
-        return response;
+    let (mode, parameters) = match state.check_key(&headers) {
+        Ok(app) => app,
+        Err(response) => return response,
+    };
+    // Dify refuses a turn whose required inputs are missing, before any stream.
+    for item in parameters["user_input_form"].as_array().into_iter().flatten() {
+        let Some((_, field)) = item.as_object().and_then(|o| o.iter().next()) else {
+            continue;
+        };
+        let variable = field["variable"].as_str().unwrap_or_default();
+        let given = &body["inputs"][variable];
+        if field["required"] == true && (given.is_null() || given == "") {
+            return dify_error(400, "invalid_param", &format!("{variable} is required in input form"));
+        }
     }
-    let mode = state.mode.lock().unwrap().clone();
     let endpoint_mode_ok = match uri.path() {
         "/v1/workflows/run" => mode == "workflow",
         "/v1/completion-messages" => mode == "completion",
