@@ -4,6 +4,7 @@
 mod harness;
 
 mod accounts;
+mod apps;
 mod chat;
 mod conversations;
 mod http_surface;

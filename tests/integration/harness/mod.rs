@@ -32,6 +32,11 @@ impl TestApp {
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
         let db = TestDatabase::new().await;
         let dify = FakeDify::start("chat").await;
+        Self::spawn_on(db, dify, adjust).await
+    }
+
+    /// The app on a database (and a fake Dify) the test prepared.
+    pub async fn spawn_on(db: TestDatabase, dify: FakeDify, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::for_tests(&db.url(), &dify.url);
         adjust(&mut config);
         let app = App::build(config).await.expect("building the app");
