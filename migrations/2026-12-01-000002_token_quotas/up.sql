@@ -13,6 +13,10 @@ CREATE TABLE token_usage (
     CONSTRAINT token_usage_user_fk FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
 
--- Set in the transaction that adds an answer's tokens to token_usage, so a retried final write
--- never counts them twice.
-ALTER TABLE messages ADD COLUMN tokens_settled BOOLEAN NOT NULL DEFAULT FALSE;
+-- An answer's tokens (Dify's total_tokens), written by its final write; the writer adds them to
+-- token_usage in batches and marks them settled in the same transaction, so a retried final
+-- write (which writes the same number again) never counts them twice.
+ALTER TABLE messages
+    ADD COLUMN tokens BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN tokens_settled BOOLEAN NOT NULL DEFAULT FALSE,
+    ADD INDEX messages_unsettled (tokens_settled, tokens);

@@ -70,7 +70,6 @@ async fn current(app: &App) -> AppResult<DifyConfig> {
     Ok(DifyConfig::of_default(app, &apps))
 }
 
-
 #[derive(Default)]
 pub struct AdminQuery;
 
@@ -93,7 +92,9 @@ impl AdminMutation {
     /// Sets the default app's API key (and optionally the base URL), creating the default app
     /// when there is none. Admin only. The key is first checked against Dify; nothing is stored
     /// unless Dify accepts it.
-    #[graphql(deprecation = "Several apps: use createDifyApp or updateDifyApp; this acts on the default app")]
+    #[graphql(
+        deprecation = "Several apps: use createDifyApp or updateDifyApp; this acts on the default app"
+    )]
     async fn set_dify_config(
         &self,
         ctx: &Context<'_>,

@@ -40,7 +40,10 @@ pub async fn live(conn: &mut AsyncMysqlConnection) -> QueryResult<Vec<AppRecord>
         .await
 }
 
-pub async fn find_live(conn: &mut AsyncMysqlConnection, id: AppId) -> QueryResult<Option<AppRecord>> {
+pub async fn find_live(
+    conn: &mut AsyncMysqlConnection,
+    id: AppId,
+) -> QueryResult<Option<AppRecord>> {
     dify_apps::table
         .find(id)
         .filter(dify_apps::deleted_at.is_null())
@@ -85,11 +88,17 @@ pub async fn save(conn: &mut AsyncMysqlConnection, app: &AppRecord) -> QueryResu
 pub async fn make_default(conn: &mut AsyncMysqlConnection, id: AppId) -> QueryResult<()> {
     diesel::update(dify_apps::table.filter(dify_apps::id.ne(id)))
         .filter(dify_apps::is_default.eq(true))
-        .set((dify_apps::is_default.eq(false), dify_apps::updated_at.eq(now())))
+        .set((
+            dify_apps::is_default.eq(false),
+            dify_apps::updated_at.eq(now()),
+        ))
         .execute(conn)
         .await?;
     diesel::update(dify_apps::table.find(id))
-        .set((dify_apps::is_default.eq(true), dify_apps::updated_at.eq(now())))
+        .set((
+            dify_apps::is_default.eq(true),
+            dify_apps::updated_at.eq(now()),
+        ))
         .execute(conn)
         .await
         .map(drop)

@@ -276,7 +276,11 @@ pub async fn update(app: &App, id: AppId, input: UpdateDifyAppInput) -> AppResul
         Some(url) => Some(clean_url(app, Some(url))?),
         None => None,
     };
-    let name = input.name.as_deref().map(|n| clean_name(Some(n))).transpose()?;
+    let name = input
+        .name
+        .as_deref()
+        .map(|n| clean_name(Some(n)))
+        .transpose()?;
     let mut conn = app.db.get().await?;
     let mut record = db::find_live(&mut conn, id)
         .await?
@@ -293,13 +297,20 @@ pub async fn update(app: &App, id: AppId, input: UpdateDifyAppInput) -> AppResul
                 .api_key_encrypted
                 .as_deref()
                 .and_then(|sealed| crate::admin::domain::decrypt(&app.keys.cipher_key, sealed))
-                .ok_or_else(|| AppError::bad_input("apiKey", "set the key again: it cannot be read"))?,
+                .ok_or_else(|| {
+                    AppError::bad_input("apiKey", "set the key again: it cannot be read")
+                })?,
         };
-        let url = record.api_url.as_deref().and_then(|u| url::Url::parse(u).ok());
+        let url = record
+            .api_url
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok());
         let checked = check_key(app, &key, url.as_ref()).await?;
         record.mode = checked.mode;
         record.description = checked.description;
-        if !record.name_is_custom && let Some(dify_name) = checked.name {
+        if !record.name_is_custom
+            && let Some(dify_name) = checked.name
+        {
             record.name = dify_name;
         }
         record.parameters = Some(checked.parameters);
@@ -413,7 +424,9 @@ impl AppMutation {
         let mut record = db::find_live(&mut conn, id)
             .await?
             .ok_or(AppError::NotFound("app"))?;
-        if !record.name_is_custom && let Some(name) = info.name {
+        if !record.name_is_custom
+            && let Some(name) = info.name
+        {
             record.name = name;
         }
         record.description = info.description;

@@ -143,7 +143,10 @@ impl App {
             db::live(&mut conn).await?
         };
         let apps = Arc::new(Apps {
-            all: records.into_iter().map(|record| self.load(record)).collect(),
+            all: records
+                .into_iter()
+                .map(|record| self.load(record))
+                .collect(),
         });
         if generation == cache.generation.load(Ordering::SeqCst) {
             *cache.current.lock().unwrap_or_else(|e| e.into_inner()) =

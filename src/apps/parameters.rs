@@ -168,7 +168,9 @@ impl AppParameters {
                 }
                 "number" => {
                     let numeric = value.is_number()
-                        || value.as_str().is_some_and(|s| s.trim().parse::<f64>().is_ok());
+                        || value
+                            .as_str()
+                            .is_some_and(|s| s.trim().parse::<f64>().is_ok());
                     if !numeric {
                         return Err(refuse(format!("{} must be a number", field.label)));
                     }
@@ -198,7 +200,10 @@ impl InputField {
             label: text(spec, "label").unwrap_or_else(|| variable.clone()),
             variable,
             kind: kind.clone(),
-            required: spec.get("required").and_then(Value::as_bool).unwrap_or(false),
+            required: spec
+                .get("required")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             max_length: integer(spec.get("max_length"))
                 .filter(|n| *n > 0)
                 .map(|n| n.min(i32::MAX as i64) as i32),
@@ -297,14 +302,23 @@ mod tests {
     #[test]
     fn every_control_is_kept_and_typed() {
         let p = parameters();
-        assert_eq!(p.opening_statement.as_deref(), Some("Hi! Ask me about leave."));
+        assert_eq!(
+            p.opening_statement.as_deref(),
+            Some("Hi! Ask me about leave.")
+        );
         assert!(p.suggested_questions_after_answer && p.retriever_resource && !p.speech_to_text);
         let kinds: Vec<&str> = p.user_input_form.iter().map(|f| f.kind.as_str()).collect();
         assert_eq!(kinds, ["text-input", "select", "number", "rating-stars"]);
         let mood = &p.user_input_form[3];
-        assert_eq!(mood.raw.0["stars"], 5, "unknown controls keep their description");
+        assert_eq!(
+            mood.raw.0["stars"], 5,
+            "unknown controls keep their description"
+        );
         assert_eq!(p.user_input_form[1].options, ["a", "b"]);
-        assert!(p.user_input_form[0].default.is_none(), "an empty default is none");
+        assert!(
+            p.user_input_form[0].default.is_none(),
+            "an empty default is none"
+        );
         assert_eq!(p.file_upload.number_limit, Some(3));
         assert_eq!(p.file_upload.max_bytes, Some(15 << 20), "the smaller limit");
     }
@@ -321,9 +335,18 @@ mod tests {
         };
         assert_eq!(check(json!({})).unwrap_err(), "inputs.name");
         assert_eq!(check(json!({ "name": "  " })).unwrap_err(), "inputs.name");
-        assert_eq!(check(json!({ "name": "toolong" })).unwrap_err(), "inputs.name");
-        assert_eq!(check(json!({ "name": "ada", "team": "c" })).unwrap_err(), "inputs.team");
-        assert_eq!(check(json!({ "name": "ada", "age": "x" })).unwrap_err(), "inputs.age");
+        assert_eq!(
+            check(json!({ "name": "toolong" })).unwrap_err(),
+            "inputs.name"
+        );
+        assert_eq!(
+            check(json!({ "name": "ada", "team": "c" })).unwrap_err(),
+            "inputs.team"
+        );
+        assert_eq!(
+            check(json!({ "name": "ada", "age": "x" })).unwrap_err(),
+            "inputs.age"
+        );
         assert!(check(json!({ "name": "ada", "team": "b", "age": "42", "mood": 3 })).is_ok());
         assert!(check(json!({ "name": "ada", "age": 42.5 })).is_ok());
     }

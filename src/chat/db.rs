@@ -6,13 +6,13 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Date, Nullable, Varchar};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
+use crate::apps::AppId;
 use crate::conversations::db::{self as conversations_db, ConversationRecord, MessageRecord};
 use crate::conversations::domain::{
     ConversationId, MessageId, MessageRole, MessageStatus, title_from_query,
 };
 use crate::db::schema::{conversations, messages, users};
 use crate::db::types::now;
-use crate::apps::AppId;
 use crate::users::domain::UserId;
 use crate::users::quota;
 
@@ -182,13 +182,12 @@ pub struct FinalAnswer<'a> {
     pub dify_workflow_run_id: Option<&'a str>,
     /// The Dify conversation to keep on the conversation, if it has none yet.
     pub dify_conversation_id: Option<&'a str>,
-    /// Whose quota the answer's tokens count against, and how many (Dify's `total_tokens`).
-    pub owner: UserId,
+    /// Dify's `total_tokens`, settled against the owner's quota by the writer.
     pub tokens: u64,
 }
 
-/// Writes the answer once at the end, in three statements and no transaction, and settles its
-/// tokens: each step is idempotent, so a retry after a failure in between repeats them all. A stop requested from any
+/// Writes the answer once at the end, in three statements and no transaction: each is
+/// idempotent, so a retry after a failure in between repeats them all. A stop requested from any
 /// process turns COMPLETED into STOPPED. `None` when the message is gone (its conversation was
 /// deleted meanwhile). Reads back only what the database decided, not the content just sent.
 pub async fn finish(
@@ -209,6 +208,7 @@ pub async fn finish(
             messages::status.eq(status),
             messages::error.eq(&answer.error),
             messages::usage.eq(&answer.usage),
+            messages::tokens.eq(i64::try_from(answer.tokens).unwrap_or(i64::MAX)),
             messages::retriever_resources.eq(&answer.retriever_resources),
             messages::agent_thoughts.eq(&answer.agent_thoughts),
             messages::files.eq(&answer.files),
@@ -222,9 +222,7 @@ pub async fn finish(
     if updated == 0 {
         return Ok(None);
     }
-    if answer.tokens > 0 {
-        quota::settle(conn, id, answer.owner, answer.tokens).await?;
-    }
+
     // Moves the conversation up the list and keeps the first Dify conversation id.
     diesel::update(conversations::table.find(conversation))
         .set((

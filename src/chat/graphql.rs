@@ -8,10 +8,10 @@ use super::db::{BeginError, Starter};
 use super::events::ChatEvent;
 use super::relay::{self, Turn};
 use super::{dify_user, stop_message};
+use crate::apps::{AppId, Dify};
 use crate::conversations::db as conversations_db;
 use crate::conversations::domain::{ConversationId, MessageId, MessageRole, Rating};
 use crate::conversations::graphql::Message;
-use crate::apps::{AppId, Dify};
 use crate::dify::AppMode;
 use crate::dify::client::{ChatRequest, WORKFLOW_QUERY_INPUT};
 use crate::error::{AppError, AppResult, SESSION_INVALID};
@@ -324,7 +324,10 @@ async fn owned_assistant_message(
         ));
     }
     let dify = app.dify_of(app_id).await.unwrap_or_else(|error| {
-        tracing::warn!(error = error.message(), "the app of a message could not be read");
+        tracing::warn!(
+            error = error.message(),
+            "the app of a message could not be read"
+        );
         None
     });
     Ok((message, dify))

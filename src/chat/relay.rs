@@ -355,7 +355,6 @@ impl Relay {
             dify_task_id: ids.task_id.as_deref(),
             dify_workflow_run_id: ids.workflow_run_id.as_deref(),
             dify_conversation_id: dify_conversation,
-            owner: self.conversation.user_id,
             tokens: self
                 .answer
                 .usage
@@ -367,6 +366,9 @@ impl Relay {
         let stored = self.write_final(&final_answer).await;
         let message = match stored {
             Stored::Written(stored) => {
+                if final_answer.tokens > 0 {
+                    self.app.writer.tokens_to_settle();
+                }
                 let mut message =
                     self.describe(&final_answer, stored.status, final_answer.error.clone());
                 message.feedback = stored.feedback;

@@ -8,6 +8,7 @@
 //! the relay writes them itself and confirms them before the terminal event.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +22,10 @@ use crate::db::types::now;
 use crate::db::{Db, STATEMENT_TIMEOUT};
 use crate::dify::events::Ids;
 use crate::metrics::Metrics;
+
+/// How often tokens are settled even when this process stored no answer (another gateway's,
+/// left by a crash).
+const SETTLE_SWEEP: Duration = Duration::from_secs(60);
 
 /// A live answer writes at least this often, even while Dify is silent (a slow tool).
 pub const HEARTBEAT: Duration = Duration::from_secs(20);
@@ -84,6 +89,9 @@ struct Inner {
     db: Db,
     metrics: Arc<Metrics>,
     pending: Mutex<Pending>,
+    /// This process stored an answer whose tokens are not settled yet.
+    unsettled: AtomicBool,
+    last_settle: Mutex<Instant>,
 }
 
 impl Writer {
@@ -92,6 +100,8 @@ impl Writer {
             db,
             metrics,
             pending: Mutex::default(),
+            unsettled: AtomicBool::new(true),
+            last_settle: Mutex::new(Instant::now()),
         }))
     }
 
@@ -132,6 +142,47 @@ impl Writer {
         pending.content.remove(&id);
         pending.ids.remove(&id);
         pending.conversations.remove(&conversation);
+    }
+
+    /// An answer with tokens was stored: the next tick settles them.
+    pub fn tokens_to_settle(&self) {
+        self.0.unsettled.store(true, Ordering::Relaxed);
+    }
+
+    /// Adds the tokens of stored answers to their owners' monthly totals (see `users::quota`),
+    /// after this process stored one, and once a minute for what any gateway left behind.
+    pub async fn settle(&self) -> anyhow::Result<()> {
+        let due = self.0.unsettled.swap(false, Ordering::Relaxed)
+            || self
+                .0
+                .last_settle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed()
+                >= SETTLE_SWEEP;
+        if !due {
+            return Ok(());
+        }
+        *self.0.last_settle.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let result = self
+            .0
+            .db
+            .run(STATEMENT_TIMEOUT, async |conn| {
+                crate::users::quota::settle(conn).await
+            })
+            .await;
+        match result {
+            // A full batch: more are waiting.
+            Ok(n) if n as i64 >= crate::users::quota::SETTLE_BATCH => {
+                self.tokens_to_settle();
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.tokens_to_settle();
+                Err(error)
+            }
+        }
     }
 
     /// Writes everything pending now. On failure it stays pending for the next call.
@@ -194,6 +245,9 @@ impl Writer {
             loop {
                 every.tick().await;
                 let mut result = self.flush().await;
+                if result.is_ok() {
+                    result = self.settle().await;
+                }
                 if result.is_ok() && last_heartbeat.elapsed() >= HEARTBEAT {
                     result = self.heartbeat(&live()).await;
                     if result.is_ok() {

@@ -6,8 +6,8 @@ use diesel::prelude::*;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
-use crate::conversations::domain::{ConversationId, MessageId, MessageRole, MessageStatus, Rating};
 use crate::apps::AppId;
+use crate::conversations::domain::{ConversationId, MessageId, MessageRole, MessageStatus, Rating};
 use crate::db::schema::{conversations, messages};
 use crate::db::types::now;
 use crate::users::domain::UserId;

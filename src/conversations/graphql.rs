@@ -7,6 +7,8 @@ use diesel_async::AsyncConnection;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::apps::AppId;
+use crate::apps::graphql::DifyApp;
 use crate::conversations::db::{
     self, ConversationChange, ConversationFilter, ConversationKey, ConversationRecord,
     MessageRecord, like_pattern,
@@ -15,8 +17,6 @@ use crate::conversations::domain::{
     ConversationId, MessageId, MessageRole, MessageStatus, Rating, clean_title,
 };
 use crate::db::types::utc;
-use crate::apps::AppId;
-use crate::apps::graphql::DifyApp;
 use crate::error::{AppError, AppResult};
 use crate::graphql::context::ContextExt;
 use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};

@@ -91,6 +91,7 @@ diesel::table! {
         stop_requested -> Bool,
         created_at -> Datetime,
         updated_at -> Datetime,
+        tokens -> Bigint,
         tokens_settled -> Bool,
     }
 }

@@ -168,9 +168,11 @@ impl DifyClient {
                 })
                 .unwrap_or_default()),
             // "Suggested Questions Is Disabled."
-            Err(DifyError::Api { status: 400, ref code, .. }) if code == "bad_request" => {
-                Ok(Vec::new())
-            }
+            Err(DifyError::Api {
+                status: 400,
+                ref code,
+                ..
+            }) if code == "bad_request" => Ok(Vec::new()),
             Err(error) => Err(error),
         }
     }

@@ -7,8 +7,8 @@ pub mod pagination;
 use async_graphql::{MergedObject, MergedSubscription, Schema, SchemaBuilder};
 
 use crate::admin::graphql::{AdminMutation, AdminQuery};
-use crate::apps::graphql::{AppMutation, AppQuery};
 use crate::app::App;
+use crate::apps::graphql::{AppMutation, AppQuery};
 use crate::auth::graphql::AuthMutation;
 use crate::chat::graphql::{ChatMutation, ChatSubscription, SuggestionQuery};
 use crate::conversations::graphql::{ConversationMutation, ConversationQuery};

@@ -1,15 +1,16 @@
 //! Token quotas: tokens per user per calendar month (UTC), settled from Dify's usage as answers
-//! end, checked before each turn. Both sides are single SQL statements (the settlement is one
-//! transaction), so several gateways on one database share one count. A quota can be passed by
-//! the answers already running when it is reached (at most `MAX_ACTIVE_ANSWERS_PER_USER`), never
-//! by a turn started after.
+//! end, checked before each turn. An answer's final write records its tokens; the process's
+//! writer adds them to the month's total on its next tick (`settle`, one transaction per batch of
+//! answers). Both sides are in SQL, so several gateways on one database share one count. A quota
+//! can be passed by the answers already running when it is reached (at most
+//! `MAX_ACTIVE_ANSWERS_PER_USER`) and by turns started within a tick of it, never later.
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 
 use crate::conversations::domain::MessageId;
-use crate::db::schema::{token_usage, users};
+use crate::db::schema::{conversations, messages, token_usage, users};
 use crate::users::domain::UserId;
 
 /// The first day of the month `at` is in.
@@ -77,35 +78,60 @@ pub async fn set_quota(
         .await
 }
 
-/// Adds an answer's tokens to its owner's period, once: in one transaction the answer is
-/// marked settled and, only if it was not yet, its tokens are added, so a retried final write
-/// never counts them twice. One round trip (the values are ids, a date and a number, written as
-/// literals), since it runs once per answer on the writer's pool.
-pub async fn settle(
-    conn: &mut AsyncMysqlConnection,
-    message: MessageId,
-    user: UserId,
-    tokens: u64,
-) -> QueryResult<()> {
-    use diesel_async::SimpleAsyncConnection;
+/// Answers settled per transaction, at most.
+pub const SETTLE_BATCH: i64 = 1000;
+
+/// Adds the tokens of finished answers not yet counted to their owners' periods, for every
+/// gateway's answers: in one transaction the answers are locked, their owners' totals raised
+/// (one statement for all owners) and the answers marked settled, so nothing is counted twice,
+/// even by two gateways settling at once. Statements follow batches, not answers. Returns how
+/// many answers were settled; a full batch means more may wait.
+pub async fn settle(conn: &mut AsyncMysqlConnection) -> QueryResult<usize> {
+    use diesel_async::AsyncConnection;
     let period = period_start(crate::db::types::now());
-    let (message, user) = (message.0.simple(), user.0.simple());
-    let tokens = tokens.min(i64::MAX as u64);
-    let script = format!(
-        "START TRANSACTION; \
-         UPDATE messages SET tokens_settled = TRUE \
-          WHERE id = X'{message}' AND tokens_settled = FALSE; \
-         INSERT INTO token_usage (user_id, period_start, total_tokens) \
-          SELECT X'{user}', '{period}', {tokens} FROM DUAL WHERE ROW_COUNT() = 1 \
-          ON DUPLICATE KEY UPDATE total_tokens = total_tokens + VALUES(total_tokens); \
-         COMMIT"
-    );
-    let result = conn.batch_execute(&script).await;
-    if result.is_err() {
-        // Never hand back a connection with the transaction open.
-        let _ = conn.batch_execute("ROLLBACK").await;
-    }
-    result
+    conn.transaction(async |conn| {
+        let pending: Vec<(MessageId, UserId, i64)> = messages::table
+            .inner_join(conversations::table)
+            .filter(messages::tokens_settled.eq(false))
+            .filter(messages::tokens.gt(0))
+            .select((messages::id, conversations::user_id, messages::tokens))
+            .limit(SETTLE_BATCH)
+            .for_update()
+            .load(conn)
+            .await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut totals: std::collections::HashMap<UserId, i64> = Default::default();
+        for (_, user, tokens) in &pending {
+            *totals.entry(*user).or_default() += tokens;
+        }
+        let rows: Vec<_> = totals
+            .into_iter()
+            .map(|(user, tokens)| {
+                (
+                    token_usage::user_id.eq(user),
+                    token_usage::period_start.eq(period),
+                    token_usage::total_tokens.eq(tokens),
+                )
+            })
+            .collect();
+        diesel::insert_into(token_usage::table)
+            .values(rows)
+            .on_conflict(diesel::dsl::DuplicatedKeys)
+            .do_update()
+            .set(token_usage::total_tokens.eq(token_usage::total_tokens
+                + diesel::dsl::sql::<diesel::sql_types::BigInt>("VALUES(total_tokens)")))
+            .execute(conn)
+            .await?;
+        let ids: Vec<MessageId> = pending.iter().map(|(id, _, _)| *id).collect();
+        diesel::update(messages::table.filter(messages::id.eq_any(&ids)))
+            .set(messages::tokens_settled.eq(true))
+            .execute(conn)
+            .await?;
+        Ok(pending.len())
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -34,7 +34,10 @@ async fn two_apps(app: &TestApp) -> (Actor<'_>, String, String) {
     app.dify
         .add_app(WORKFLOW_KEY, "workflow", workflow_parameters());
     let chat_app = admin
-        .gql(CREATE, json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": app.dify.url } }))
+        .gql(
+            CREATE,
+            json!({ "input": { "apiKey": DIFY_KEY, "apiUrl": app.dify.url } }),
+        )
         .await;
     let chat_app = &chat_app["data"]["createDifyApp"];
     assert_eq!(chat_app["isDefault"], true, "the first app is the default");
@@ -69,16 +72,27 @@ async fn users_see_each_apps_opening_statement_and_form() {
     let user = app.register("user@example.com").await;
 
     let listed = user.gql(APPS, json!({})).await;
-    let apps = listed["data"]["apps"].as_array().unwrap_or_else(|| panic!("{listed}"));
+    let apps = listed["data"]["apps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(apps.len(), 2);
     let chat_app = &apps[0];
     assert_eq!(chat_app["id"], chat_id.as_str());
     assert_eq!(chat_app["apiKeyPreview"], Value::Null, "admins only");
     assert_eq!(chat_app["apiUrl"], Value::Null);
     let parameters = &chat_app["parameters"];
-    assert_eq!(parameters["openingStatement"], default_parameters()["opening_statement"]);
-    assert_eq!(parameters["suggestedQuestions"][0], "How many days of leave do I have?");
-    assert_eq!(parameters["fileUpload"]["allowedFileTypes"], json!(["image"]));
+    assert_eq!(
+        parameters["openingStatement"],
+        default_parameters()["opening_statement"]
+    );
+    assert_eq!(
+        parameters["suggestedQuestions"][0],
+        "How many days of leave do I have?"
+    );
+    assert_eq!(
+        parameters["fileUpload"]["allowedFileTypes"],
+        json!(["image"])
+    );
     assert_eq!(parameters["fileUpload"]["maxBytes"], 15 << 20);
     let form = &apps[1]["parameters"]["userInputForm"];
     assert_eq!(form[0]["type"], "select");
@@ -86,13 +100,20 @@ async fn users_see_each_apps_opening_statement_and_form() {
     assert_eq!(form[1]["maxLength"], 10);
 
     // Disabled: gone for users, still there for admins (with the key's preview).
-    let disable = "mutation($id: ID!) { updateDifyApp(id: $id, input: { isEnabled: false }) { isEnabled } }";
+    let disable =
+        "mutation($id: ID!) { updateDifyApp(id: $id, input: { isEnabled: false }) { isEnabled } }";
     let disabled = admin.gql(disable, json!({ "id": workflow_id })).await;
-    assert_eq!(disabled["data"]["updateDifyApp"]["isEnabled"], false, "{disabled}");
+    assert_eq!(
+        disabled["data"]["updateDifyApp"]["isEnabled"], false,
+        "{disabled}"
+    );
     let listed = user.gql(APPS, json!({})).await;
     assert_eq!(listed["data"]["apps"].as_array().unwrap().len(), 1);
     let one = user
-        .gql("query($id: ID!) { app(id: $id) { id } }", json!({ "id": workflow_id }))
+        .gql(
+            "query($id: ID!) { app(id: $id) { id } }",
+            json!({ "id": workflow_id }),
+        )
         .await;
     assert_eq!(one["data"]["app"], Value::Null);
     let listed = admin.gql(APPS, json!({})).await;
@@ -101,14 +122,26 @@ async fn users_see_each_apps_opening_statement_and_form() {
 
     // Only admins manage apps; a key Dify refuses is not stored.
     let refused = user
-        .gql(CREATE, json!({ "input": { "apiKey": "app-x", "apiUrl": app.dify.url } }))
+        .gql(
+            CREATE,
+            json!({ "input": { "apiKey": "app-x", "apiUrl": app.dify.url } }),
+        )
         .await;
     assert_eq!(error_code(&refused), "FORBIDDEN");
     let bad_key = admin
-        .gql(CREATE, json!({ "input": { "apiKey": "app-wrongKey000000", "apiUrl": app.dify.url } }))
+        .gql(
+            CREATE,
+            json!({ "input": { "apiKey": "app-wrongKey000000", "apiUrl": app.dify.url } }),
+        )
         .await;
     assert_eq!(error_code(&bad_key), "UPSTREAM_ERROR", "{bad_key}");
-    assert_eq!(admin.gql(APPS, json!({})).await["data"]["apps"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        admin.gql(APPS, json!({})).await["data"]["apps"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -122,11 +155,17 @@ async fn a_conversation_keeps_its_app_and_its_inputs_are_checked_first() {
     for (inputs, field) in [
         (json!({}), "inputs.city"),
         (json!({ "city": "Rome" }), "inputs.city"),
-        (json!({ "city": "Paris", "note": "far too long a note" }), "inputs.note"),
+        (
+            json!({ "city": "Paris", "note": "far too long a note" }),
+            "inputs.note",
+        ),
     ] {
         let mut ws = user.ws(TRANSPORT_WS).await;
-        ws.subscribe(CHAT, json!({ "input": { "query": "report", "appId": workflow_id, "inputs": inputs } }))
-            .await;
+        ws.subscribe(
+            CHAT,
+            json!({ "input": { "query": "report", "appId": workflow_id, "inputs": inputs } }),
+        )
+        .await;
         let errors = ws.collect().await.expect_err("refused");
         let error = &errors["errors"][0];
         assert_eq!(error["extensions"]["code"], "BAD_USER_INPUT", "{errors}");
@@ -142,19 +181,30 @@ async fn a_conversation_keeps_its_app_and_its_inputs_are_checked_first() {
         json!({ "query": "monthly report", "appId": workflow_id, "inputs": { "city": "Tokyo" } }),
     )
     .await;
-    assert_eq!(events.last().unwrap()["__typename"], "ChatCompleted", "{events:?}");
+    assert_eq!(
+        events.last().unwrap()["__typename"],
+        "ChatCompleted",
+        "{events:?}"
+    );
     let runs = app.dify.requests_to("/workflows/run");
     assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].authorization.as_deref(), Some(&*format!("Bearer {WORKFLOW_KEY}")));
+    assert_eq!(
+        runs[0].authorization.as_deref(),
+        Some(&*format!("Bearer {WORKFLOW_KEY}"))
+    );
     assert_eq!(runs[0].body["inputs"]["query"], "monthly report");
     let conversation_id = events[0]["conversation"]["id"].as_str().unwrap().to_owned();
 
     // A chat on the default app, without appId.
     chat(&user, TRANSPORT_WS, json!({ "query": "hello" })).await;
-    let by_app = "query($app: ID) { conversations(appId: $app) { totalCount nodes { app { id name } } } }";
+    let by_app =
+        "query($app: ID) { conversations(appId: $app) { totalCount nodes { app { id name } } } }";
     let listed = user.gql(by_app, json!({ "app": workflow_id })).await;
     assert_eq!(listed["data"]["conversations"]["totalCount"], 1, "{listed}");
-    assert_eq!(listed["data"]["conversations"]["nodes"][0]["app"]["name"], "Reports");
+    assert_eq!(
+        listed["data"]["conversations"]["nodes"][0]["app"]["name"],
+        "Reports"
+    );
     let listed = user.gql(by_app, json!({ "app": chat_id })).await;
     assert_eq!(listed["data"]["conversations"]["totalCount"], 1);
     let listed = user.gql(by_app, json!({ "app": null })).await;
@@ -165,7 +215,10 @@ async fn a_conversation_keeps_its_app_and_its_inputs_are_checked_first() {
     ws.subscribe(CHAT, json!({ "input": { "query": "again", "conversationId": conversation_id, "appId": chat_id } }))
         .await;
     let errors = ws.collect().await.expect_err("refused");
-    assert_eq!(errors["errors"][0]["extensions"]["field"], "appId", "{errors}");
+    assert_eq!(
+        errors["errors"][0]["extensions"]["field"], "appId",
+        "{errors}"
+    );
 
     // Disabled, then deleted: no new turns; the conversation stays readable.
     async fn turn(user: &Actor<'_>, conversation_id: &str) -> String {
@@ -182,9 +235,16 @@ async fn a_conversation_keeps_its_app_and_its_inputs_are_checked_first() {
         .await;
     assert_eq!(turn(&user, &conversation_id).await, "APP_UNAVAILABLE");
     let deleted = admin
-        .gql("mutation($id: ID!) { deleteDifyApp(id: $id) }", json!({ "id": workflow_id }))
+        .gql(
+            "mutation($id: ID!) { deleteDifyApp(id: $id) }",
+            json!({ "id": workflow_id }),
+        )
         .await;
-    assert_eq!(deleted["data"]["deleteDifyApp"], workflow_id.as_str(), "{deleted}");
+    assert_eq!(
+        deleted["data"]["deleteDifyApp"],
+        workflow_id.as_str(),
+        "{deleted}"
+    );
     assert_eq!(turn(&user, &conversation_id).await, "APP_UNAVAILABLE");
     let read = user
         .gql(
@@ -206,32 +266,46 @@ async fn suggested_questions_follow_the_apps_setting() {
     let (admin, user) = app.admin_and_user().await;
     app.configure_dify(&admin, "chat").await;
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "leave?" })).await;
-    let message_id = events.last().unwrap()["messageId"].as_str().unwrap().to_owned();
+    let message_id = events.last().unwrap()["messageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     const SUGGESTED: &str = "query($id: ID!) { suggestedQuestions(messageId: $id) }";
     let suggested = user.gql(SUGGESTED, json!({ "id": message_id })).await;
-    assert_eq!(suggested["data"]["suggestedQuestions"].as_array().unwrap().len(), 3, "{suggested}");
+    assert_eq!(
+        suggested["data"]["suggestedQuestions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3,
+        "{suggested}"
+    );
     let asked = app.dify.requests_to("/suggested");
     assert!(asked[0].path.contains("/messages/"), "Dify's message id");
-    assert_eq!(error_code(&admin.gql(SUGGESTED, json!({ "id": message_id })).await), "NOT_FOUND");
+    assert_eq!(
+        error_code(&admin.gql(SUGGESTED, json!({ "id": message_id })).await),
+        "NOT_FOUND"
+    );
 
     // Turned off in Dify, and read again by an admin: [] without asking Dify.
     let mut off = default_parameters();
     off["suggested_questions_after_answer"]["enabled"] = json!(false);
     app.dify.set_parameters(off);
-    let refreshed = admin
-        .gql(
-            "{ apps { id } }",
-            json!({}),
-        )
-        .await;
-    let id = refreshed["data"]["apps"][0]["id"].as_str().unwrap().to_owned();
+    let refreshed = admin.gql("{ apps { id } }", json!({})).await;
+    let id = refreshed["data"]["apps"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let refreshed = admin
         .gql(
             "mutation($id: ID!) { refreshDifyApp(id: $id) { parameters { suggestedQuestionsAfterAnswer } } }",
             json!({ "id": id }),
         )
         .await;
-    assert_eq!(refreshed["data"]["refreshDifyApp"]["parameters"]["suggestedQuestionsAfterAnswer"], false, "{refreshed}");
+    assert_eq!(
+        refreshed["data"]["refreshDifyApp"]["parameters"]["suggestedQuestionsAfterAnswer"], false,
+        "{refreshed}"
+    );
     let suggested = user.gql(SUGGESTED, json!({ "id": message_id })).await;
     assert_eq!(suggested["data"]["suggestedQuestions"], json!([]));
     assert_eq!(app.dify.requests_to("/suggested").len(), 1);
@@ -254,8 +328,12 @@ async fn the_part_one_key_becomes_the_default_app_with_every_conversation() {
         let mut conn: AsyncConnectionWrapper<AsyncMysqlConnection> =
             diesel::Connection::establish(&url).unwrap();
         diesel::migration::MigrationConnection::setup(&mut conn).unwrap();
-        let migrations = MigrationSource::<diesel::mysql::Mysql>::migrations(&rechat::db::MIGRATIONS).unwrap();
-        for migration in migrations.iter().filter(|m| m.name().to_string().as_str() < "2026-12-01-000003") {
+        let migrations =
+            MigrationSource::<diesel::mysql::Mysql>::migrations(&rechat::db::MIGRATIONS).unwrap();
+        for migration in migrations
+            .iter()
+            .filter(|m| m.name().to_string().as_str() < "2026-12-01-000003")
+        {
             conn.run_migration(migration.as_ref()).unwrap();
         }
     })
@@ -276,20 +354,28 @@ async fn the_part_one_key_becomes_the_default_app_with_every_conversation() {
         use diesel_async::{AsyncConnection, RunQueryDsl};
         let mut conn = AsyncMysqlConnection::establish(&db.url()).await.unwrap();
         for statement in setup {
-            diesel::sql_query(statement).execute(&mut conn).await.unwrap();
+            diesel::sql_query(statement)
+                .execute(&mut conn)
+                .await
+                .unwrap();
         }
     }
 
     let app = TestApp::spawn_on(db, dify, |_| {}).await;
     let apps = app.app.apps().await.unwrap();
     assert_eq!(apps.all.len(), 1);
-    let default = apps.default_app().expect("the migrated key is the default app");
+    let default = apps
+        .default_app()
+        .expect("the migrated key is the default app");
     assert_eq!(default.record.name, "HR");
     assert!(default.dify.is_some(), "its key still decrypts");
     let bound = app
         .sql_strings("SELECT HEX(app_id) AS value FROM conversations")
         .await;
-    assert_eq!(bound, [default.record.id.0.simple().to_string().to_uppercase()]);
+    assert_eq!(
+        bound,
+        [default.record.id.0.simple().to_string().to_uppercase()]
+    );
     // And it works: a new user chats on it.
     let user = app.register("new@example.com").await;
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "hi" })).await;

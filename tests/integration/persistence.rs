@@ -35,8 +35,8 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
             begin_turn(&mut conn, starter, None, &format!("question {i}"), |_| {
                 Ok(default_app)
             })
-                .await
-                .unwrap();
+            .await
+            .unwrap();
         answers.push((conversation.id, answer.id));
     }
     drop(conn);

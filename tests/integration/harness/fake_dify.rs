@@ -409,14 +409,22 @@ async fn chat_messages(
         Err(response) => return response,
     };
     // Dify refuses a turn whose required inputs are missing, before any stream.
-    for item in parameters["user_input_form"].as_array().into_iter().flatten() {
+    for item in parameters["user_input_form"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let Some((_, field)) = item.as_object().and_then(|o| o.iter().next()) else {
             continue;
         };
         let variable = field["variable"].as_str().unwrap_or_default();
         let given = &body["inputs"][variable];
         if field["required"] == true && (given.is_null() || given == "") {
-            return dify_error(400, "invalid_param", &format!("{variable} is required in input form"));
+            return dify_error(
+                400,
+                "invalid_param",
+                &format!("{variable} is required in input form"),
+            );
         }
     }
     let endpoint_mode_ok = match uri.path() {

@@ -36,7 +36,11 @@ impl TestApp {
     }
 
     /// The app on a database (and a fake Dify) the test prepared.
-    pub async fn spawn_on(db: TestDatabase, dify: FakeDify, adjust: impl FnOnce(&mut Config)) -> Self {
+    pub async fn spawn_on(
+        db: TestDatabase,
+        dify: FakeDify,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::for_tests(&db.url(), &dify.url);
         adjust(&mut config);
         let app = App::build(config).await.expect("building the app");
