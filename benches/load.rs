@@ -149,6 +149,10 @@ async fn serve_emitter() -> (u16, u16) {
             "/v1/info",
             get(|| async { Json(json!({ "name": "load", "mode": "chat", "tags": [] })) }),
         )
+        .route(
+            "/v1/parameters",
+            get(|| async { Json(json!({ "user_input_form": [], "suggested_questions": [] })) }),
+        )
         .route("/v1/chat-messages", post(chat_messages));
     let mut ports = Vec::new();
     // Two listeners: the gateway's connections and the direct path's do not share a port's

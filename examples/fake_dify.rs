@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --example fake_dify -- --mode chat --port 5001 [--slow | --long]
 //! ```
-//! Then, as admin: `setDifyConfig(input: {apiKey: "app-fakeDifyKey0123456789", apiUrl: "http://127.0.0.1:5001"})`.
+//! Then, as admin: `createDifyApp(input: {apiKey: "app-fakeDifyKey0123456789", apiUrl: "http://127.0.0.1:5001"})`.
 
 #[path = "../tests/integration/harness/fake_dify.rs"]
 #[allow(dead_code)]
@@ -72,7 +72,7 @@ async fn main() {
     println!("API key: {DIFY_KEY}");
     println!("As an admin in GraphiQL:");
     println!(
-        "  mutation {{ setDifyConfig(input: {{apiKey: \"{DIFY_KEY}\", apiUrl: \"{}\"}}) {{ isConfigured appMode apiKeyPreview }} }}",
+        "  mutation {{ createDifyApp(input: {{apiKey: \"{DIFY_KEY}\", apiUrl: \"{}\"}}) {{ id name mode isDefault }} }}",
         dify.url
     );
     tokio::signal::ctrl_c().await.ok();
