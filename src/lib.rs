@@ -11,6 +11,7 @@ pub mod conversations;
 pub mod db;
 pub mod dify;
 pub mod error;
+pub mod files;
 pub mod graphiql;
 pub mod graphql;
 pub mod http;

@@ -45,6 +45,12 @@ pub struct Starter {
     pub default_quota: Option<u64>,
 }
 
+/// What a turn's `choose` decided: the app, and the user message's attachments (JSON).
+pub struct Chosen {
+    pub app: AppId,
+    pub question_files: Option<String>,
+}
+
 /// Everything a turn needs before Dify is called, in one transaction on one connection: the
 /// account, its token quota and the conversation's owner checked in one query, then the turn's
 /// app chosen by `choose` (given the conversation's app, `None` for a new conversation; it may
@@ -55,7 +61,7 @@ pub async fn begin_turn(
     starter: Starter,
     existing: Option<ConversationId>,
     query: &str,
-    choose: impl FnOnce(Option<Option<AppId>>) -> Result<AppId, crate::error::AppError> + Send,
+    choose: impl FnOnce(Option<Option<AppId>>) -> Result<Chosen, crate::error::AppError> + Send,
 ) -> Result<(ConversationRecord, MessageRecord, MessageRecord), BeginError> {
     let Starter {
         owner,
@@ -107,7 +113,10 @@ pub async fn begin_turn(
         if existing.is_some() && found.is_none() {
             return Err(BeginError::ConversationNotFound);
         }
-        let app = choose(found.as_ref().map(|c| c.app_id)).map_err(BeginError::Refused)?;
+        let Chosen {
+            app,
+            question_files,
+        } = choose(found.as_ref().map(|c| c.app_id)).map_err(BeginError::Refused)?;
         let at = now();
         let conversation = match (existing, found) {
             (Some(_), None) => return Err(BeginError::ConversationNotFound),
@@ -134,12 +143,13 @@ pub async fn begin_turn(
                 conversation
             }
         };
-        let question = MessageRecord::new(
+        let mut question = MessageRecord::new(
             conversation.id,
             MessageRole::User,
             query.to_owned(),
             MessageStatus::Completed,
         );
+        question.files = question_files;
         let answer = MessageRecord::new(
             conversation.id,
             MessageRole::Assistant,

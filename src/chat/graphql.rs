@@ -4,7 +4,7 @@ use async_graphql::{Context, ID, InputObject, Json, Object, Subscription};
 use futures::stream::BoxStream;
 use serde_json::Value;
 
-use super::db::{BeginError, Starter};
+use super::db::{BeginError, Chosen, Starter};
 use super::events::ChatEvent;
 use super::relay::{self, Turn};
 use super::{dify_user, stop_message};
@@ -15,6 +15,7 @@ use crate::conversations::graphql::Message;
 use crate::dify::AppMode;
 use crate::dify::client::{ChatRequest, WORKFLOW_QUERY_INPUT};
 use crate::error::{AppError, AppResult, SESSION_INVALID};
+use crate::files::graphql::{ChatFileInput, TurnFiles};
 use crate::graphql::context::ContextExt;
 
 /// The longest query accepted, in characters.
@@ -36,6 +37,9 @@ pub struct ChatInput {
     /// The app of a new conversation; the default app when omitted. A conversation keeps its
     /// app: another id on a later turn is `BAD_USER_INPUT`.
     pub app_id: Option<ID>,
+    /// Attachments, checked against the app's `fileUpload` settings; listed in the user
+    /// message's `files`.
+    pub files: Option<Vec<ChatFileInput>>,
 }
 
 #[derive(Default)]
@@ -138,6 +142,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     };
     let begin = async {
         let apps = app.apps().await?;
+        let files = TurnFiles::load(&app, viewer.id, input.files.unwrap_or_default()).await?;
         let mut chosen = None;
         // Inside the turn's transaction, once the conversation's app is known: the app must take
         // turns, and the inputs must fit its form.
@@ -146,8 +151,14 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
             if let Some(parameters) = &loaded.parameters {
                 parameters.check_inputs(&with_workflow_query(dify.mode, &inputs, &query))?;
             }
-            chosen = Some(dify.clone());
-            Ok(dify.id)
+            let (dify_files, listed) = files.for_app(loaded)?;
+            chosen = Some((dify.clone(), dify_files));
+            Ok(Chosen {
+                app: dify.id,
+                question_files: (!listed.is_empty())
+                    .then(|| serde_json::to_string(&listed).ok())
+                    .flatten(),
+            })
         };
         let mut conn = app.db.get().await?;
         let turn = super::db::begin_turn(&mut conn, starter, conversation_id, &query, choose)
@@ -159,12 +170,12 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 BeginError::Refused(error) => error,
                 BeginError::Db(error) => error.into(),
             })?;
-        let dify = chosen.expect("a turn that began has its app");
-        Ok::<_, AppError>((dify, turn))
+        let (dify, dify_files) = chosen.expect("a turn that began has its app");
+        Ok::<_, AppError>((dify, dify_files, turn))
     };
     // Nothing is sent to Dify before the turn is saved; a database that does not answer in time
     // is an outage for this turn, not a hang.
-    let (dify, (conversation, question, answer)) =
+    let (dify, dify_files, (conversation, question, answer)) =
         tokio::time::timeout(config.operation_timeout, begin)
             .await
             .map_err(|_| AppError::Unavailable)??;
@@ -176,6 +187,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
             .dify_conversation_id
             .clone()
             .filter(|_| dify.mode.has_conversations()),
+        files: dify_files,
     };
     let span = tracing::info_span!("chat", message.id = %answer.id, conversation.id = %conversation.id, user.id = %viewer.id);
     let (tx, rx) = super::subscriber::channel(app.config.subscriber_buffer_bytes);

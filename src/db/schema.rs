@@ -100,6 +100,21 @@ diesel::joinable!(conversations -> users (user_id));
 diesel::joinable!(messages -> conversations (conversation_id));
 diesel::joinable!(token_usage -> users (user_id));
 
+diesel::table! {
+    uploaded_files (id) {
+        id -> Binary,
+        user_id -> Binary,
+        app_id -> Binary,
+        dify_file_id -> Varchar,
+        name -> Varchar,
+        size -> Bigint,
+        mime_type -> Nullable<Varchar>,
+        extension -> Nullable<Varchar>,
+        file_type -> Varchar,
+        created_at -> Datetime,
+    }
+}
+
 diesel::joinable!(conversations -> dify_apps (app_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -108,5 +123,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     conversations,
     messages,
     token_usage,
-    dify_apps
+    dify_apps,
+    uploaded_files
 );

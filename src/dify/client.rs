@@ -63,7 +63,26 @@ pub struct ChatRequest {
     pub inputs: serde_json::Map<String, Value>,
     pub user: String,
     pub conversation_id: Option<String>,
+    /// Dify's `files`: `{type, transfer_method, upload_file_id | url}` each.
+    pub files: Vec<Value>,
 }
+
+/// What `POST /files/upload` answers (the fields rechat keeps).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UploadedDifyFile {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub size: Option<i64>,
+    #[serde(default)]
+    pub extension: Option<String>,
+    #[serde(default)]
+    pub mime_type: Option<String>,
+}
+
+/// Timeout for an upload to Dify (the whole file).
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone)]
 pub struct DifyClient {
@@ -147,6 +166,39 @@ impl DifyClient {
             .map_err(|_| DifyError::Unavailable("Dify's /info answer was not understood".into()))
     }
 
+    /// `POST /files/upload`: streams a file to Dify as `user`'s (never whole in memory).
+    pub async fn upload(
+        &self,
+        file: tokio::fs::File,
+        len: u64,
+        name: &str,
+        mime_type: Option<&str>,
+        user: &str,
+    ) -> Result<UploadedDifyFile, DifyError> {
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let mut part =
+            reqwest::multipart::Part::stream_with_length(body, len).file_name(name.to_owned());
+        // A type the client sent that is not a valid MIME type is left out, not fatal.
+        if let Some(mime_type) = mime_type.filter(|m| m.parse::<mime::Mime>().is_ok()) {
+            part = part
+                .mime_str(mime_type)
+                .map_err(|_| DifyError::Unavailable("invalid MIME type".into()))?;
+        }
+        let form = reqwest::multipart::Form::new()
+            .text("user", user.to_owned())
+            .part("file", part);
+        let response = self
+            .send(
+                self.request(reqwest::Method::POST, "files/upload")
+                    .timeout(UPLOAD_TIMEOUT)
+                    .multipart(form),
+            )
+            .await?;
+        response.json::<UploadedDifyFile>().await.map_err(|_| {
+            DifyError::Unavailable("Dify's /files/upload answer was not understood".into())
+        })
+    }
+
     /// `GET /parameters`: the app's form, features and upload settings, as Dify sends them.
     pub async fn parameters(&self) -> Result<Value, DifyError> {
         self.get_json("parameters", &[]).await
@@ -196,8 +248,9 @@ impl DifyClient {
             mut inputs,
             user,
             conversation_id,
+            files,
         } = request;
-        let (path, body) = match mode {
+        let (path, mut body) = match mode {
             AppMode::Workflow => {
                 inputs
                     .entry(WORKFLOW_QUERY_INPUT)
@@ -222,6 +275,9 @@ impl DifyClient {
                 }),
             ),
         };
+        if !files.is_empty() {
+            body["files"] = Value::Array(files);
+        }
         let response = self
             .send(
                 self.request(reqwest::Method::POST, path)

@@ -12,6 +12,7 @@ use crate::apps::graphql::{AppMutation, AppQuery};
 use crate::auth::graphql::AuthMutation;
 use crate::chat::graphql::{ChatMutation, ChatSubscription, SuggestionQuery};
 use crate::conversations::graphql::{ConversationMutation, ConversationQuery};
+use crate::files::graphql::FileMutation;
 use crate::users::graphql::{UserMutation, UserQuery};
 
 /// Reads: your account, your conversations and messages, and (admins) users and Dify settings.
@@ -30,6 +31,7 @@ pub struct Mutation(
     AuthMutation,
     ConversationMutation,
     ChatMutation,
+    FileMutation,
     AppMutation,
     AdminMutation,
     UserMutation,

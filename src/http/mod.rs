@@ -2,6 +2,7 @@
 //! `/schema.graphql`, `/healthz`, `/readyz`, `/metrics`, `/graphiql/*`.
 
 mod serve;
+mod upload;
 mod ws;
 
 pub use serve::serve;
@@ -14,7 +15,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
@@ -181,28 +182,30 @@ async fn execute(
     http
 }
 
-async fn graphql_post(
-    State(state): State<HttpState>,
-    headers: HeaderMap,
-    extensions: http::Extensions,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return body_refused(rejection),
-    };
-    let is_json = headers
+async fn graphql_post(State(state): State<HttpState>, request: Request) -> Response {
+    let mime = request
+        .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return error_response(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "BAD_USER_INPUT",
-            "send GraphQL requests as Content-Type: application/json",
-        );
+        .map(|mime| mime.trim().to_ascii_lowercase());
+    match mime.as_deref() {
+        Some("application/json") => {}
+        Some("multipart/form-data") => return upload::graphql_multipart(&state, request).await,
+        _ => {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "BAD_USER_INPUT",
+                "send GraphQL requests as Content-Type: application/json (multipart/form-data for uploads)",
+            );
+        }
     }
+    let (parts, body) = request.into_parts();
+    let body = match Bytes::from_request(Request::from_parts(parts.clone(), body), &()).await {
+        Ok(body) => body,
+        Err(rejection) => return body_refused(rejection),
+    };
+    let (headers, extensions) = (parts.headers, parts.extensions);
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
         return error_response(
             StatusCode::BAD_REQUEST,

@@ -7,6 +7,7 @@ mod accounts;
 mod apps;
 mod chat;
 mod conversations;
+mod files;
 mod http_surface;
 mod limits;
 mod persistence;

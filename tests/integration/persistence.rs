@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rechat::chat::db::{Starter, begin_turn};
+use rechat::chat::db::{Chosen, Starter, begin_turn};
 use rechat::conversations::domain::MessageId;
 use rechat::dify::events::Ids;
 use serde_json::json;
@@ -33,7 +33,10 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     for i in 0..600 {
         let (conversation, _, answer) =
             begin_turn(&mut conn, starter, None, &format!("question {i}"), |_| {
-                Ok(default_app)
+                Ok(Chosen {
+                    app: default_app,
+                    question_files: None,
+                })
             })
             .await
             .unwrap();

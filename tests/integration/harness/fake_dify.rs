@@ -145,6 +145,7 @@ impl FakeDify {
         let router = Router::new()
             .route("/v1/info", get(info))
             .route("/v1/parameters", get(parameters))
+            .route("/v1/files/upload", post(upload))
             .route("/v1/messages/{id}/suggested", get(suggested))
             .route("/v1/chat-messages", post(chat_messages))
             .route("/v1/completion-messages", post(chat_messages))
@@ -289,6 +290,67 @@ async fn parameters(
         Ok((_, parameters)) => Json(parameters).into_response(),
         Err(response) => response,
     }
+}
+
+/// Largest file the fake takes, like Dify's `UPLOAD_FILE_SIZE_LIMIT` (15 MB).
+const FAKE_UPLOAD_LIMIT: usize = 15 * 1024 * 1024;
+
+/// `POST /files/upload`: counts the file without keeping it, and fails the ways Dify fails:
+/// no file (400), too large (413), an extension it refuses (`.bin`: 415).
+async fn upload(
+    State(state): State<Arc<FakeState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    mut multipart: axum::extract::Multipart,
+) -> Response {
+    if let Err(response) = state.check_key(&headers) {
+        state.record(&method, &uri, &headers, Value::Null);
+        return response;
+    }
+    let (mut user, mut file) = (None, None);
+    while let Ok(Some(mut field)) = multipart.next_field().await {
+        match field.name() {
+            Some("user") => user = field.text().await.ok(),
+            Some("file") => {
+                let name = field.file_name().unwrap_or_default().to_owned();
+                let mime = field.content_type().map(str::to_owned);
+                let mut size = 0;
+                while let Ok(Some(chunk)) = field.chunk().await {
+                    size += chunk.len();
+                }
+                file = Some((name, mime, size));
+            }
+            _ => {}
+        }
+    }
+    state.record(&method, &uri, &headers, json!({ "user": user, "file": file.as_ref().map(|(n, m, s)| json!({ "name": n, "mime_type": m, "size": s })) }));
+    let Some((name, mime, size)) = file else {
+        return dify_error(400, "no_file_uploaded", "Please upload your file.");
+    };
+    if user.as_deref().is_none_or(str::is_empty) {
+        return dify_error(400, "invalid_param", "Arg user must be provided.");
+    }
+    if size > FAKE_UPLOAD_LIMIT {
+        return dify_error(413, "file_too_large", "File size exceeded.");
+    }
+    let extension = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    if extension == "bin" {
+        return dify_error(415, "unsupported_file_type", "File type not allowed.");
+    }
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "id": uuid::Uuid::new_v4().to_string(), "name": name, "size": size, "extension": extension,
+            "mime_type": mime, "created_by": uuid::Uuid::new_v4().to_string(), "created_at": 1_775_990_240,
+            "preview_url": null, "source_url": "", "original_url": null, "user_id": null,
+            "tenant_id": uuid::Uuid::new_v4().to_string(), "conversation_id": null, "file_key": null, "reference": null
+        })),
+    )
+        .into_response()
 }
 
 /// `GET /messages/{id}/suggested`: three follow-ups, or Dify's refusal when they are off.

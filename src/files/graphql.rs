@@ -1,0 +1,331 @@
+//! `UploadedFile`, `uploadFile`, and `ChatInput.files`.
+
+use async_graphql::{Context, ID, InputObject, Object, SimpleObject, Upload};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::{FileId, FileRecord, check_type, extension_of, type_of_extension};
+use crate::apps::{AppId, LoadedApp};
+use crate::conversations::graphql::MessageFile;
+use crate::db::types::{now, utc};
+use crate::dify::DifyError;
+use crate::error::{AppError, AppResult};
+use crate::graphql::context::ContextExt;
+use crate::users::domain::UserId;
+
+/// A file uploaded to an app, ready to attach to a turn (`ChatFileInput.uploadedFileId`).
+#[derive(SimpleObject, Clone)]
+pub struct UploadedFile {
+    /// rechat's id; pass it in `ChatFileInput.uploadedFileId`.
+    pub id: ID,
+    /// The file's name as uploaded.
+    pub name: String,
+    /// Bytes.
+    pub size: i64,
+    /// Null when Dify gives none.
+    pub mime_type: Option<String>,
+    /// Without the dot, lower-case.
+    pub extension: Option<String>,
+    /// `image`, `document`, `audio`, `video` or `custom`.
+    #[graphql(name = "type")]
+    pub kind: String,
+    /// When it was uploaded.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<&FileRecord> for UploadedFile {
+    fn from(file: &FileRecord) -> Self {
+        Self {
+            id: file.id.into(),
+            name: file.name.clone(),
+            size: file.size,
+            mime_type: file.mime_type.clone(),
+            extension: file.extension.clone(),
+            kind: file.file_type.clone(),
+            created_at: utc(file.created_at),
+        }
+    }
+}
+
+/// A file to attach to a turn: exactly one of `uploadedFileId` and `url`.
+#[derive(InputObject, Clone)]
+pub struct ChatFileInput {
+    /// A file you uploaded with `uploadFile` to the same app.
+    pub uploaded_file_id: Option<ID>,
+    /// A file on the web (http or https), fetched by Dify.
+    pub url: Option<String>,
+    /// `image`, `document`, `audio`, `video` or `custom`; derived from the file when omitted.
+    #[graphql(name = "type")]
+    pub kind: Option<String>,
+}
+
+const FILE_TYPES: [&str; 5] = ["image", "document", "audio", "video", "custom"];
+/// Most files one turn may carry, whatever the app allows.
+pub const MAX_FILES_PER_TURN: usize = 20;
+
+/// A turn's attachments, with the uploads they name loaded (owner checked).
+pub struct TurnFiles {
+    items: Vec<(ChatFileInput, Option<FileRecord>)>,
+}
+
+impl TurnFiles {
+    /// Checks the shape of every attachment and loads `owner`'s uploads among them; an upload
+    /// that is not the caller's is `NOT_FOUND`.
+    pub async fn load(
+        app: &crate::app::App,
+        owner: UserId,
+        files: Vec<ChatFileInput>,
+    ) -> AppResult<Self> {
+        if files.len() > MAX_FILES_PER_TURN {
+            return Err(AppError::bad_input(
+                "files",
+                format!("a turn may carry at most {MAX_FILES_PER_TURN} files"),
+            ));
+        }
+        let mut ids = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let field = |name: &str| format!("files.{i}.{name}");
+            match (&file.uploaded_file_id, &file.url) {
+                (Some(id), None) => {
+                    ids.push(FileId::parse("uploadedFileId", id).map_err(|_| {
+                        AppError::bad_input_owned(field("uploadedFileId"), "not a valid file id")
+                    })?)
+                }
+                (None, Some(url)) => {
+                    let ok = url::Url::parse(url.trim()).is_ok_and(|u| {
+                        matches!(u.scheme(), "http" | "https") && u.host().is_some()
+                    });
+                    if !ok || url.len() > 2048 {
+                        return Err(AppError::bad_input_owned(
+                            field("url"),
+                            "an http(s) URL of at most 2048 characters",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(AppError::bad_input_owned(
+                        format!("files.{i}"),
+                        "give exactly one of uploadedFileId and url",
+                    ));
+                }
+            }
+            if let Some(kind) = &file.kind
+                && !FILE_TYPES.contains(&kind.as_str())
+            {
+                return Err(AppError::bad_input_owned(
+                    field("type"),
+                    format!("one of {}", FILE_TYPES.join(", ")),
+                ));
+            }
+        }
+        let uploads = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let mut conn = app.db.get().await?;
+            super::owned(&mut conn, owner, &ids).await?
+        };
+        let mut items = Vec::with_capacity(files.len());
+        for file in files {
+            let upload = match &file.uploaded_file_id {
+                Some(id) => {
+                    let id = FileId::parse("uploadedFileId", id)?;
+                    Some(
+                        uploads
+                            .iter()
+                            .find(|u| u.id == id)
+                            .cloned()
+                            .ok_or(AppError::NotFound("uploaded file"))?,
+                    )
+                }
+                None => None,
+            };
+            items.push((file, upload));
+        }
+        Ok(Self { items })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Checks the attachments against the turn's app; returns Dify's `files` and the user
+    /// message's attachment list.
+    pub fn for_app(&self, app: &LoadedApp) -> AppResult<(Vec<Value>, Vec<MessageFile>)> {
+        if self.items.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let settings = app
+            .parameters
+            .as_ref()
+            .map(|p| p.file_upload.clone())
+            .unwrap_or_default();
+        if let Some(limit) = settings.number_limit
+            && self.items.len() > limit.max(0) as usize
+        {
+            return Err(AppError::LimitExceeded {
+                limit: "fileUpload.numberLimit",
+                max: limit.max(0) as u64,
+                message: format!("this app takes at most {limit} files per turn"),
+            });
+        }
+        let methods = &settings.allowed_transfer_methods;
+        let mut dify = Vec::new();
+        let mut listed = Vec::new();
+        for (i, (file, upload)) in self.items.iter().enumerate() {
+            let method = if upload.is_some() {
+                "local_file"
+            } else {
+                "remote_url"
+            };
+            if !methods.is_empty() && !methods.iter().any(|m| m == method) {
+                return Err(AppError::bad_input_owned(
+                    format!("files.{i}"),
+                    format!("this app does not take files by {method}"),
+                ));
+            }
+            let extension = match (upload, &file.url) {
+                (Some(upload), _) => upload.extension.clone(),
+                (None, Some(url)) => url::Url::parse(url.trim())
+                    .ok()
+                    .and_then(|u| u.path_segments()?.next_back().and_then(extension_of)),
+                _ => None,
+            };
+            let kind = file
+                .kind
+                .clone()
+                .or_else(|| upload.as_ref().map(|u| u.file_type.clone()))
+                .unwrap_or_else(|| {
+                    extension
+                        .as_deref()
+                        .map_or("custom", type_of_extension)
+                        .to_owned()
+                });
+            check_type(&settings, &kind, extension.as_deref(), format!("files.{i}"))?;
+            match upload {
+                Some(upload) => {
+                    if upload.app_id != app.record.id {
+                        return Err(AppError::bad_input_owned(
+                            format!("files.{i}.uploadedFileId"),
+                            "this file was uploaded to another app; upload it to this one",
+                        ));
+                    }
+                    dify.push(json!({ "type": kind, "transfer_method": "local_file", "upload_file_id": upload.dify_file_id }));
+                    listed.push(MessageFile {
+                        id: upload.id.into(),
+                        kind,
+                        url: None,
+                        belongs_to: Some("user".into()),
+                    });
+                }
+                None => {
+                    let url = file.url.clone().unwrap_or_default().trim().to_owned();
+                    dify.push(json!({ "type": kind, "transfer_method": "remote_url", "url": url }));
+                    listed.push(MessageFile {
+                        id: ID(format!("url-{i}")),
+                        kind,
+                        url: Some(url),
+                        belongs_to: Some("user".into()),
+                    });
+                }
+            }
+        }
+        Ok((dify, listed))
+    }
+}
+
+#[derive(Default)]
+pub struct FileMutation;
+
+#[Object]
+impl FileMutation {
+    /// Uploads a file to an app (the default app when `appId` is omitted), for you to attach to
+    /// a turn on that app. Sent as a GraphQL multipart request (`POST /graphql`,
+    /// `multipart/form-data` with `operations`, `map` and the file) with an `Authorization`
+    /// header. The file is streamed to Dify, never held whole in memory. Refused when the app
+    /// does not take the file's type (`BAD_USER_INPUT`, field `file`) or it is larger than
+    /// `fileUpload.maxBytes` (`LIMIT_EXCEEDED`).
+    async fn upload_file(
+        &self,
+        ctx: &Context<'_>,
+        app_id: Option<ID>,
+        file: Upload,
+    ) -> AppResult<UploadedFile> {
+        let user = ctx.user()?;
+        let app = ctx.app();
+        let requested = app_id.map(|id| AppId::parse("appId", &id)).transpose()?;
+        let apps = app.apps().await?;
+        let (loaded, dify) = apps.for_turn(None, requested)?;
+        let upload = file
+            .value(ctx)
+            .map_err(|_| AppError::bad_input("file", "the file is missing from the request"))?;
+        let name: String = upload.filename.trim().chars().take(255).collect();
+        if name.is_empty() {
+            return Err(AppError::bad_input("file", "the file needs a name"));
+        }
+        let extension = extension_of(&name);
+        let kind = extension.as_deref().map_or("custom", type_of_extension);
+        let settings = loaded
+            .parameters
+            .as_ref()
+            .map(|p| p.file_upload.clone())
+            .unwrap_or_default();
+        check_type(&settings, kind, extension.as_deref(), "file".into())?;
+        let max = settings
+            .max_bytes
+            .map_or(app.config.upload_max_bytes, |m| m.max(0) as u64);
+        let file = upload.content;
+        let size = file
+            .metadata()
+            .map_err(|e| AppError::internal(anyhow::anyhow!("reading the upload: {e}")))?
+            .len();
+        if size > max {
+            return Err(AppError::LimitExceeded {
+                limit: "UPLOAD_MAX_BYTES",
+                max,
+                message: format!("this app takes files of at most {max} bytes"),
+            });
+        }
+        let stored = dify
+            .client
+            .upload(
+                tokio::fs::File::from_std(file),
+                size,
+                &name,
+                upload.content_type.as_deref(),
+                &crate::chat::dify_user(user.id),
+            )
+            .await
+            .map_err(|error| match error {
+                DifyError::Api { status: 413, .. } => AppError::LimitExceeded {
+                    limit: "UPLOAD_MAX_BYTES",
+                    max,
+                    message: "Dify refused the file as too large".into(),
+                },
+                DifyError::Api { status: 415, .. } => {
+                    AppError::bad_input("file", "Dify does not take this type of file")
+                }
+                DifyError::Api {
+                    status: 400,
+                    message,
+                    ..
+                } => AppError::bad_input("file", format!("Dify refused the file: {message}")),
+                other => other.into(),
+            })?;
+        let record = FileRecord {
+            id: FileId::new(),
+            user_id: user.id,
+            app_id: dify.id,
+            dify_file_id: stored.id,
+            name: stored.name.filter(|n| !n.is_empty()).unwrap_or(name),
+            size: stored.size.unwrap_or(size as i64),
+            mime_type: stored.mime_type.filter(|m| !m.is_empty()),
+            extension: stored.extension.filter(|e| !e.is_empty()).or(extension),
+            file_type: kind.to_owned(),
+            created_at: now(),
+        };
+        let mut conn = app.db.get().await?;
+        super::insert(&mut conn, &record).await?;
+        tracing::info!(file.id = %record.id, app.id = %dify.id, bytes = record.size, "file uploaded");
+        Ok((&record).into())
+    }
+}
