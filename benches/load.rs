@@ -1,5 +1,5 @@
 //! Load benchmark: `cargo bench --bench load [-- ROW …]` (rows: 1 200 1000 4000 8000 raw1 raw20
-//! freeze neverread logins; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
+//! freeze neverread logins uploads; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
 //!
 //! The gateway is the release binary in its own process, pinned to core 0 (`taskset`), on a
 //! fresh database of the local MariaDB (the freeze row's gateway reaches it through a TCP proxy
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 use futures::{SinkExt, StreamExt};
@@ -72,6 +72,8 @@ const ROWS: &[Row] = &[
     row("neverread", 5, 51_200, 0),
     // Bursts of sign-ins (see `login_bursts`).
     row("logins", 200, 0, 0),
+    // 10 MB uploads (see `uploads`).
+    row("uploads", 5, 0, 0),
 ];
 
 const fn row(name: &'static str, streams: usize, deltas: usize, pause_ms: u64) -> Row {
@@ -143,6 +145,20 @@ async fn chat_messages(Json(body): Json<Value>) -> Response {
         .unwrap()
 }
 
+/// Reads an upload to the end without keeping it, as Dify's side of the upload row.
+async fn drain_upload(body: Body) -> Response {
+    let mut stream = body.into_data_stream();
+    let mut size = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        size += chunk.len();
+    }
+    (
+        axum::http::StatusCode::CREATED,
+        Json(json!({ "id": "30000000-0000-4000-8000-000000000001", "name": "report.txt", "size": size, "extension": "txt", "mime_type": "text/plain" })),
+    )
+        .into_response()
+}
+
 async fn serve_emitter() -> (u16, u16) {
     let router = axum::Router::new()
         .route(
@@ -151,8 +167,13 @@ async fn serve_emitter() -> (u16, u16) {
         )
         .route(
             "/v1/parameters",
-            get(|| async { Json(json!({ "user_input_form": [], "suggested_questions": [] })) }),
+            get(|| async {
+                Json(json!({ "user_input_form": [], "suggested_questions": [],
+                    "file_upload": { "enabled": true, "allowed_file_types": ["document"], "allowed_file_upload_methods": ["local_file"], "number_limits": 1 },
+                    "system_parameters": { "file_size_limit": 15 } }))
+            }),
         )
+        .route("/v1/files/upload", post(drain_upload))
         .route("/v1/chat-messages", post(chat_messages));
     let mut ports = Vec::new();
     // Two listeners: the gateway's connections and the direct path's do not share a port's
@@ -410,6 +431,68 @@ async fn login_bursts(gateway: &Gateway) {
     }
 }
 
+/// Five uploads of 10 MB in a row through the gateway (streamed on to the emitter): the
+/// gateway's RSS over idle during each and after it.
+async fn uploads(gateway: &Gateway) {
+    let pid = gateway.child.id();
+    let idle = rss_kib(pid);
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/graphql", gateway.port);
+    let file = vec![b'x'; 10 * 1024 * 1024];
+    println!(
+        "\n10 MB uploads, one after another (idle RSS {:.1} MiB):",
+        idle as f64 / 1024.0
+    );
+    println!("| upload | took | peak RSS over idle MiB | RSS after it, over idle |");
+    println!("|---|---|---|---|");
+    for n in 1..=5 {
+        let started = Instant::now();
+        let peak = std::sync::Arc::new(AtomicU64::new(idle));
+        let sampler = tokio::spawn({
+            let peak = peak.clone();
+            async move {
+                loop {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        let operations = json!({ "query": "mutation($f: Upload!) { uploadFile(file: $f) { id size } }", "variables": { "f": null } });
+        let form = reqwest::multipart::Form::new()
+            .text("operations", operations.to_string())
+            .text("map", json!({ "0": ["variables.f"] }).to_string())
+            .part(
+                "0",
+                reqwest::multipart::Part::bytes(file.clone())
+                    .file_name("report.txt")
+                    .mime_str("text/plain")
+                    .unwrap(),
+            );
+        let answer: Value = http
+            .post(&url)
+            .bearer_auth(&gateway.token)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        sampler.abort();
+        // The emitter counts the whole multipart body it received: the file and its framing.
+        let size = answer["data"]["uploadFile"]["size"].as_u64().unwrap_or(0);
+        assert!(size >= 10 * 1024 * 1024, "{answer}");
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!(
+            "| {n} | {:.2} s | {:+.1} | {:+.1} MiB |",
+            took.as_secs_f64(),
+            AtomicU64::load(&peak, Ordering::Relaxed).saturating_sub(idle) as f64 / 1024.0,
+            (rss_kib(pid) as f64 - idle as f64) / 1024.0,
+        );
+    }
+}
+
 // ---------------------------------------------------------------- measurements
 
 struct Summary {
@@ -523,6 +606,7 @@ async fn start_gateway(database_url: &str, emitter_port: u16) -> Gateway {
         .env("MAX_ACTIVE_ANSWERS_PER_USER", "1000000")
         .env("CHAT_TURNS_PER_MINUTE", "1000000")
         .env("AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS", "1000000")
+        .env("UPLOADS_PER_MINUTE", "1000000")
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("starting the gateway (taskset and the release binary)");
@@ -636,6 +720,10 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         }
         if row.name == "logins" {
             login_bursts(&main).await;
+            continue;
+        }
+        if row.name == "uploads" {
+            uploads(&main).await;
             continue;
         }
         let gateway = if row.freeze.is_some() {

@@ -86,6 +86,8 @@ pub struct Config {
     pub max_connections: usize,
     /// `UPLOAD_MAX_BYTES`: the largest file accepted for an upload.
     pub upload_max_bytes: u64,
+    /// `UPLOADS_PER_MINUTE`: uploads per user per minute.
+    pub uploads_per_minute: u32,
 }
 
 /// The largest `MAX_ANSWER_BYTES`: an answer is one MEDIUMTEXT value in one statement.
@@ -254,6 +256,7 @@ impl Config {
             max_answer_bytes,
             max_connections: limit("MAX_CONNECTIONS", 10_000)? as usize,
             upload_max_bytes: limit("UPLOAD_MAX_BYTES", 15 << 20)?,
+            uploads_per_minute: as_u32(limit("UPLOADS_PER_MINUTE", 20)?),
             database_url,
             secret_key,
             dify_api_url,
@@ -309,6 +312,7 @@ impl Config {
             max_answer_bytes: 4 << 20,
             max_connections: 10_000,
             upload_max_bytes: 15 << 20,
+            uploads_per_minute: 20,
         }
     }
 
@@ -419,6 +423,7 @@ mod tests {
         assert_eq!(c.max_answer_bytes, 4 << 20);
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.upload_max_bytes, 15 << 20);
+        assert_eq!(c.uploads_per_minute, 20);
     }
 
     #[test]
@@ -446,6 +451,8 @@ mod tests {
             ("MAX_ANSWER_BYTES", "big"),
             ("MAX_ANSWER_BYTES", "16777216"),
             ("MAX_CONNECTIONS", "0"),
+            ("UPLOAD_MAX_BYTES", "0"),
+            ("UPLOADS_PER_MINUTE", "many"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{value}");

@@ -37,6 +37,8 @@ pub struct Throttles {
     pub addresses: Window<IpAddr>,
     /// Chat turns per user.
     pub turns: Window<UserId>,
+    /// Uploads per user.
+    pub uploads: Window<UserId>,
     hasher: RandomState,
 }
 
@@ -52,6 +54,7 @@ impl Default for Throttles {
             accounts: Window::new(ACCOUNT_WINDOW),
             addresses: Window::new(MINUTE),
             turns: Window::new(MINUTE),
+            uploads: Window::new(MINUTE),
             hasher: RandomState::new(),
         }
     }

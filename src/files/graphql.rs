@@ -242,8 +242,9 @@ impl FileMutation {
     /// a turn on that app. Sent as a GraphQL multipart request (`POST /graphql`,
     /// `multipart/form-data` with `operations`, `map` and the file) with an `Authorization`
     /// header. The file is streamed to Dify, never held whole in memory. Refused when the app
-    /// does not take the file's type (`BAD_USER_INPUT`, field `file`) or it is larger than
-    /// `fileUpload.maxBytes` (`LIMIT_EXCEEDED`).
+    /// does not take the file's type (`BAD_USER_INPUT`, field `file`), it is larger than
+    /// `fileUpload.maxBytes` (`LIMIT_EXCEEDED`), or you uploaded `UPLOADS_PER_MINUTE` files in
+    /// the last minute (`RATE_LIMITED`).
     async fn upload_file(
         &self,
         ctx: &Context<'_>,
@@ -253,6 +254,10 @@ impl FileMutation {
         let user = ctx.user()?;
         let app = ctx.app();
         let requested = app_id.map(|id| AppId::parse("appId", &id)).transpose()?;
+        app.throttles
+            .uploads
+            .take(&user.id, app.config.uploads_per_minute)
+            .map_err(|retry_after| AppError::RateLimited { retry_after })?;
         let apps = app.apps().await?;
         let (loaded, dify) = apps.for_turn(None, requested)?;
         let upload = file

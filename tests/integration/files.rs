@@ -166,6 +166,15 @@ async fn uploads_are_refused_clearly_and_lose_nothing() {
         .await;
     assert_eq!(stored[0], "0");
 
+    // 20 uploads a minute per user (this test's earlier attempts count too).
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let (_, answer) = upload(&app, token, "cat.png", "image/png", vec![1; 10]).await;
+        let code = answer["errors"][0]["extensions"]["code"].as_str();
+        codes.push(code.unwrap_or("uploaded").to_owned());
+    }
+    assert_eq!(codes.last().unwrap(), "RATE_LIMITED", "{codes:?}");
+
     // Attachments the app does not take are refused before anything is saved.
     let mut ws = user.ws(TRANSPORT_WS).await;
     ws.subscribe(CHAT, json!({ "input": { "query": "read this", "files": [{ "url": "https://example.com/a.pdf" }] } }))
