@@ -80,20 +80,26 @@ impl Apps {
         conversation: Option<Option<AppId>>,
         requested: Option<AppId>,
     ) -> AppResult<(&LoadedApp, &Dify)> {
-        let chosen = match conversation {
-            Some(Some(own)) => {
-                if requested.is_some_and(|r| r != own) {
-                    return Err(AppError::bad_input(
-                        "appId",
-                        "a conversation keeps the app it started with; omit appId or start a new conversation",
-                    ));
-                }
-                self.get(own).ok_or(AppError::AppUnavailable)?
+        let own = match conversation {
+            Some(Some(own)) => Some(own),
+            // From before apps: it belongs to the default app.
+            Some(None) => Some(
+                self.default_app()
+                    .ok_or(AppError::DifyNotConfigured)?
+                    .record
+                    .id,
+            ),
+            None => None,
+        };
+        let chosen = match (own, requested) {
+            (Some(own), Some(requested)) if requested != own => {
+                return Err(AppError::bad_input(
+                    "appId",
+                    "a conversation keeps the app it started with; omit appId or start a new conversation",
+                ));
             }
-            Some(None) | None => match requested {
-                Some(id) => self.get(id).ok_or(AppError::AppUnavailable)?,
-                None => self.default_app().ok_or(AppError::DifyNotConfigured)?,
-            },
+            (Some(id), _) | (None, Some(id)) => self.get(id).ok_or(AppError::AppUnavailable)?,
+            (None, None) => self.default_app().ok_or(AppError::DifyNotConfigured)?,
         };
         Ok((chosen, chosen.usable()?))
     }

@@ -376,7 +376,27 @@ async fn the_part_one_key_becomes_the_default_app_with_every_conversation() {
         bound,
         [default.record.id.0.simple().to_string().to_uppercase()]
     );
-    // And it works: a new user chats on it.
+    // And it works: the old conversation goes on, on the default app, and a new user chats.
+    let old_user =
+        rechat::users::domain::UserId::parse("id", "01900000-0000-7000-8000-00000000000a").unwrap();
+    let (token, _) = app.app.keys.issue(old_user, 0).unwrap();
+    let old = Actor {
+        app: &app,
+        token: Some(token),
+        id: old_user.to_string(),
+    };
+    let default_id = default.record.id.to_string();
+    let events = chat(
+        &old,
+        TRANSPORT_WS,
+        json!({ "query": "still there?", "conversationId": "01900000-0000-7000-8000-00000000000b", "appId": default_id }),
+    )
+    .await;
+    assert_eq!(
+        events.last().unwrap()["__typename"],
+        "ChatCompleted",
+        "{events:?}"
+    );
     let user = app.register("new@example.com").await;
     let events = chat(&user, TRANSPORT_WS, json!({ "query": "hi" })).await;
     assert_eq!(events.last().unwrap()["__typename"], "ChatCompleted");
