@@ -15,7 +15,7 @@ use crate::conversations::graphql::Message;
 use crate::dify::AppMode;
 use crate::dify::client::{ChatRequest, WORKFLOW_QUERY_INPUT};
 use crate::error::{AppError, AppResult, SESSION_INVALID};
-use crate::files::graphql::{ChatFileInput, TurnFiles};
+use crate::files::graphql::{ChatFileInput, TurnFiles, input_files};
 use crate::graphql::context::ContextExt;
 
 /// The longest query accepted, in characters.
@@ -142,7 +142,9 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     };
     let begin = async {
         let apps = app.apps().await?;
-        let files = TurnFiles::load(&app, viewer.id, input.files.unwrap_or_default()).await?;
+        let files =
+            TurnFiles::load(&app, viewer.id, input.files.unwrap_or_default(), "files").await?;
+        let input_files = TurnFiles::load(&app, viewer.id, input_files(&inputs), "inputs").await?;
         let mut chosen = None;
         // Inside the turn's transaction, once the conversation's app is known: the app must take
         // turns, and the inputs must fit its form.
@@ -152,7 +154,9 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 parameters.check_inputs(&with_workflow_query(dify.mode, &inputs, &query))?;
             }
             let (dify_files, listed) = files.for_app(loaded)?;
-            chosen = Some((dify.clone(), dify_files));
+            let mut inputs = inputs.clone();
+            input_files.fill_inputs(loaded, &mut inputs)?;
+            chosen = Some((dify.clone(), dify_files, inputs));
             Ok(Chosen {
                 app: dify.id,
                 question_files: (!listed.is_empty())
@@ -170,12 +174,12 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 BeginError::Refused(error) => error,
                 BeginError::Db(error) => error.into(),
             })?;
-        let (dify, dify_files) = chosen.expect("a turn that began has its app");
-        Ok::<_, AppError>((dify, dify_files, turn))
+        let (dify, dify_files, inputs) = chosen.expect("a turn that began has its app");
+        Ok::<_, AppError>((dify, dify_files, inputs, turn))
     };
     // Nothing is sent to Dify before the turn is saved; a database that does not answer in time
     // is an outage for this turn, not a hang.
-    let (dify, dify_files, (conversation, question, answer)) =
+    let (dify, dify_files, inputs, (conversation, question, answer)) =
         tokio::time::timeout(config.operation_timeout, begin)
             .await
             .map_err(|_| AppError::Unavailable)??;

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::{FileId, FileRecord, check_type, extension_of, type_of_extension};
+use crate::apps::parameters::FileUploadSettings;
 use crate::apps::{AppId, LoadedApp};
 use crate::conversations::graphql::MessageFile;
 use crate::db::types::{now, utc};
@@ -71,20 +72,22 @@ pub struct TurnFiles {
 impl TurnFiles {
     /// Checks the shape of every attachment and loads `owner`'s uploads among them; an upload
     /// that is not the caller's is `NOT_FOUND`.
+    /// `prefix` names where the files came from in errors (`files`, `inputs`).
     pub async fn load(
         app: &crate::app::App,
         owner: UserId,
         files: Vec<ChatFileInput>,
+        prefix: &str,
     ) -> AppResult<Self> {
         if files.len() > MAX_FILES_PER_TURN {
-            return Err(AppError::bad_input(
-                "files",
+            return Err(AppError::bad_input_owned(
+                prefix.to_owned(),
                 format!("a turn may carry at most {MAX_FILES_PER_TURN} files"),
             ));
         }
         let mut ids = Vec::new();
         for (i, file) in files.iter().enumerate() {
-            let field = |name: &str| format!("files.{i}.{name}");
+            let field = |name: &str| format!("{prefix}.{i}.{name}");
             match (&file.uploaded_file_id, &file.url) {
                 (Some(id), None) => {
                     ids.push(FileId::parse("uploadedFileId", id).map_err(|_| {
@@ -104,7 +107,7 @@ impl TurnFiles {
                 }
                 _ => {
                     return Err(AppError::bad_input_owned(
-                        format!("files.{i}"),
+                        format!("{prefix}.{i}"),
                         "give exactly one of uploadedFileId and url",
                     ));
                 }
@@ -168,69 +171,205 @@ impl TurnFiles {
                 message: format!("this app takes at most {limit} files per turn"),
             });
         }
-        let methods = &settings.allowed_transfer_methods;
         let mut dify = Vec::new();
         let mut listed = Vec::new();
         for (i, (file, upload)) in self.items.iter().enumerate() {
-            let method = if upload.is_some() {
-                "local_file"
-            } else {
-                "remote_url"
-            };
-            if !methods.is_empty() && !methods.iter().any(|m| m == method) {
-                return Err(AppError::bad_input_owned(
-                    format!("files.{i}"),
-                    format!("this app does not take files by {method}"),
-                ));
-            }
-            let extension = match (upload, &file.url) {
-                (Some(upload), _) => upload.extension.clone(),
-                (None, Some(url)) => url::Url::parse(url.trim())
-                    .ok()
-                    .and_then(|u| u.path_segments()?.next_back().and_then(extension_of)),
-                _ => None,
-            };
-            let kind = file
-                .kind
-                .clone()
-                .or_else(|| upload.as_ref().map(|u| u.file_type.clone()))
-                .unwrap_or_else(|| {
-                    extension
-                        .as_deref()
-                        .map_or("custom", type_of_extension)
-                        .to_owned()
-                });
-            check_type(&settings, &kind, extension.as_deref(), format!("files.{i}"))?;
-            match upload {
-                Some(upload) => {
-                    if upload.app_id != app.record.id {
-                        return Err(AppError::bad_input_owned(
-                            format!("files.{i}.uploadedFileId"),
-                            "this file was uploaded to another app; upload it to this one",
-                        ));
-                    }
-                    dify.push(json!({ "type": kind, "transfer_method": "local_file", "upload_file_id": upload.dify_file_id }));
-                    listed.push(MessageFile {
-                        id: upload.id.into(),
-                        kind,
-                        url: None,
-                        belongs_to: Some("user".into()),
-                    });
-                }
-                None => {
-                    let url = file.url.clone().unwrap_or_default().trim().to_owned();
-                    dify.push(json!({ "type": kind, "transfer_method": "remote_url", "url": url }));
-                    listed.push(MessageFile {
-                        id: ID(format!("url-{i}")),
-                        kind,
-                        url: Some(url),
-                        belongs_to: Some("user".into()),
-                    });
-                }
-            }
+            let (sent, shown) = attachment(
+                file,
+                upload.as_ref(),
+                app.record.id,
+                &settings,
+                &format!("files.{i}"),
+            )?;
+            dify.push(sent);
+            listed.push(shown);
         }
         Ok((dify, listed))
     }
+}
+
+impl TurnFiles {
+    /// Puts Dify's file objects in the values of the form's `file` and `file-list` variables,
+    /// where `inputs` name files like `ChatFileInput` does (`{"uploadedFileId": …}` or
+    /// `{"url": …}`, a list of them for `file-list`), checked against the variable's settings.
+    pub fn fill_inputs(
+        &self,
+        app: &LoadedApp,
+        inputs: &mut serde_json::Map<String, Value>,
+    ) -> AppResult<()> {
+        let Some(parameters) = &app.parameters else {
+            return Ok(());
+        };
+        for field in &parameters.user_input_form {
+            let list = match field.kind.as_str() {
+                "file" => false,
+                "file-list" => true,
+                _ => continue,
+            };
+            let Some(value) = inputs.get_mut(&field.variable) else {
+                continue;
+            };
+            let name = format!("inputs.{}", field.variable);
+            let refs = file_refs(value);
+            if refs.is_empty() || (!list && refs.len() > 1) {
+                return Err(AppError::bad_input_owned(
+                    name,
+                    if list {
+                        "a list of {\"uploadedFileId\"} or {\"url\"} objects"
+                    } else {
+                        "one {\"uploadedFileId\"} or {\"url\"} object"
+                    },
+                ));
+            }
+            let settings = variable_settings(&field.raw.0, parameters.file_upload.max_bytes);
+            let mut sent = Vec::new();
+            for (i, reference) in refs.iter().enumerate() {
+                let (file, upload) = self
+                    .items
+                    .iter()
+                    .find(|(file, _)| {
+                        file.uploaded_file_id == reference.uploaded_file_id
+                            && file.url == reference.url
+                    })
+                    .ok_or_else(|| AppError::bad_input_owned(name.clone(), "an unknown file"))?;
+                let field_name = if list {
+                    format!("{name}.{i}")
+                } else {
+                    name.clone()
+                };
+                sent.push(
+                    attachment(file, upload.as_ref(), app.record.id, &settings, &field_name)?.0,
+                );
+            }
+            *value = if list {
+                Value::Array(sent)
+            } else {
+                sent.pop().unwrap_or(Value::Null)
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The files a value names: one `{uploadedFileId | url, type?}` object, or a list of them.
+fn file_refs(value: &Value) -> Vec<ChatFileInput> {
+    let one = |v: &Value| {
+        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+        let file = ChatFileInput {
+            uploaded_file_id: text("uploadedFileId").map(ID),
+            url: text("url"),
+            kind: text("type"),
+        };
+        (file.uploaded_file_id.is_some() || file.url.is_some()).then_some(file)
+    };
+    match value {
+        Value::Array(items) => items.iter().filter_map(one).collect(),
+        Value::Object(_) => one(value).into_iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The files every `file` and `file-list` variable of `inputs` names, to load with the turn's.
+pub fn input_files(inputs: &serde_json::Map<String, Value>) -> Vec<ChatFileInput> {
+    inputs.values().flat_map(file_refs).collect()
+}
+
+/// A `file`/`file-list` variable's own settings, from Dify's description of it.
+fn variable_settings(raw: &Value, max_bytes: Option<i64>) -> FileUploadSettings {
+    let strings = |key: &str| {
+        raw.get(key)
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    FileUploadSettings {
+        enabled: true,
+        allowed_file_types: strings("allowed_file_types"),
+        allowed_file_extensions: strings("allowed_file_extensions"),
+        allowed_transfer_methods: strings("allowed_file_upload_methods"),
+        number_limit: raw
+            .get("max_length")
+            .and_then(Value::as_i64)
+            .map(|n| n.clamp(0, i32::MAX as i64) as i32),
+        max_bytes,
+    }
+}
+
+/// One attachment, checked against `settings` (`field` names it in errors): Dify's file
+/// object, and the entry the user message lists.
+fn attachment(
+    file: &ChatFileInput,
+    upload: Option<&FileRecord>,
+    app: AppId,
+    settings: &FileUploadSettings,
+    field: &str,
+) -> AppResult<(Value, MessageFile)> {
+    let method = if upload.is_some() {
+        "local_file"
+    } else {
+        "remote_url"
+    };
+    let methods = &settings.allowed_transfer_methods;
+    if !methods.is_empty() && !methods.iter().any(|m| m == method) {
+        return Err(AppError::bad_input_owned(
+            field.to_owned(),
+            format!("this app does not take files by {method}"),
+        ));
+    }
+    let extension = match (upload, &file.url) {
+        (Some(upload), _) => upload.extension.clone(),
+        (None, Some(url)) => url::Url::parse(url.trim())
+            .ok()
+            .and_then(|u| u.path_segments()?.next_back().and_then(extension_of)),
+        _ => None,
+    };
+    let kind = file
+        .kind
+        .clone()
+        .or_else(|| upload.map(|u| u.file_type.clone()))
+        .unwrap_or_else(|| {
+            extension
+                .as_deref()
+                .map_or("custom", type_of_extension)
+                .to_owned()
+        });
+    check_type(settings, &kind, extension.as_deref(), field.to_owned())?;
+    Ok(match upload {
+        Some(upload) => {
+            if upload.app_id != app {
+                return Err(AppError::bad_input_owned(
+                    format!("{field}.uploadedFileId"),
+                    "this file was uploaded to another app; upload it to this one",
+                ));
+            }
+            (
+                json!({ "type": kind, "transfer_method": "local_file", "upload_file_id": upload.dify_file_id }),
+                MessageFile {
+                    id: upload.id.into(),
+                    kind,
+                    url: None,
+                    belongs_to: Some("user".into()),
+                },
+            )
+        }
+        None => {
+            let url = file.url.clone().unwrap_or_default().trim().to_owned();
+            (
+                json!({ "type": kind, "transfer_method": "remote_url", "url": url }),
+                MessageFile {
+                    id: ID(format!("url-{}", uuid::Uuid::new_v4().simple())),
+                    kind,
+                    url: Some(url),
+                    belongs_to: Some("user".into()),
+                },
+            )
+        }
+    })
 }
 
 #[derive(Default)]

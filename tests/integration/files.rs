@@ -197,3 +197,81 @@ async fn uploads_are_refused_clearly_and_lose_nothing() {
         .await;
     assert_eq!(messages[0], "0");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_takes_files_in_its_file_variables() {
+    const KEY: &str = "app-fakeWorkflowFiles0123456789";
+    let app = TestApp::spawn().await;
+    let admin = app.register("admin@example.com").await;
+    let mut parameters = default_parameters();
+    parameters["file_upload"]["allowed_file_types"] = json!(["document", "image"]);
+    parameters["user_input_form"] = json!([
+        { "file": { "label": "Report", "variable": "report", "required": true, "allowed_file_types": ["document"], "allowed_file_upload_methods": ["local_file"] } },
+        { "file-list": { "label": "Pictures", "variable": "pictures", "required": false, "max_length": 2, "allowed_file_types": ["image"], "allowed_file_upload_methods": ["remote_url"] } }
+    ]);
+    app.dify.add_app(KEY, "workflow", parameters);
+    let created = admin
+        .gql(
+            "mutation($input: CreateDifyAppInput!) { createDifyApp(input: $input) { id } }",
+            json!({ "input": { "apiKey": KEY, "apiUrl": app.dify.url } }),
+        )
+        .await;
+    let app_id = created["data"]["createDifyApp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, answer) = upload(
+        &app,
+        admin.token.as_deref(),
+        "q3.pdf",
+        "application/pdf",
+        vec![1; 100],
+    )
+    .await;
+    let file_id = answer["data"]["uploadFile"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_owned();
+
+    // A picture where the report goes: refused before anything is saved.
+    let mut ws = admin.ws(TRANSPORT_WS).await;
+    ws.subscribe(
+        CHAT,
+        json!({ "input": { "query": "summarise", "appId": app_id, "inputs": {
+        "report": { "uploadedFileId": file_id },
+        "pictures": [{ "url": "https://example.com/chart.pdf" }]
+    } } }),
+    )
+    .await;
+    let errors = ws.collect().await.expect_err("refused");
+    assert_eq!(
+        errors["errors"][0]["extensions"]["field"], "inputs.pictures.0",
+        "{errors}"
+    );
+
+    let events = chat(
+        &admin,
+        TRANSPORT_WS,
+        json!({ "query": "summarise", "appId": app_id, "inputs": {
+            "report": { "uploadedFileId": file_id },
+            "pictures": [{ "url": "https://example.com/chart.png" }]
+        } }),
+    )
+    .await;
+    assert_eq!(
+        events.last().unwrap()["__typename"],
+        "ChatCompleted",
+        "{events:?}"
+    );
+    let run = &app.dify.requests_to("/workflows/run")[0].body;
+    assert_eq!(
+        run["inputs"]["report"]["transfer_method"], "local_file",
+        "{run}"
+    );
+    assert_eq!(run["inputs"]["report"]["type"], "document");
+    assert!(run["inputs"]["report"]["upload_file_id"].is_string());
+    assert_eq!(
+        run["inputs"]["pictures"],
+        json!([{ "type": "image", "transfer_method": "remote_url", "url": "https://example.com/chart.png" }])
+    );
+}
