@@ -17,6 +17,10 @@ pub enum AppError {
     Forbidden,
     NotFound(&'static str),
     Conflict(&'static str),
+    /// A turn into a conversation whose answer is still streaming (`CONFLICT`).
+    TurnInProgress {
+        active: crate::conversations::domain::MessageId,
+    },
     RateLimited {
         retry_after: u64,
     },
@@ -72,6 +76,11 @@ impl AppError {
         match self {
             Self::BadUserInput { message, .. } => message.clone(),
             Self::Unauthenticated(message) | Self::Conflict(message) => (*message).to_owned(),
+            Self::TurnInProgress { .. } => {
+                "this conversation's previous answer is still streaming; wait for it (or stop it) \
+                 and send again"
+                    .into()
+            }
             Self::Forbidden => "this operation requires an admin account".into(),
             Self::NotFound(what) => format!("{what} not found"),
             Self::RateLimited { retry_after } => {
@@ -105,7 +114,7 @@ impl AppError {
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::Forbidden => "FORBIDDEN",
             Self::NotFound(_) => "NOT_FOUND",
-            Self::Conflict(_) => "CONFLICT",
+            Self::Conflict(_) | Self::TurnInProgress { .. } => "CONFLICT",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::DifyNotConfigured => "DIFY_NOT_CONFIGURED",
             Self::AppUnavailable => "APP_UNAVAILABLE",
@@ -161,6 +170,7 @@ impl ErrorExtensions for AppError {
             match self {
                 Self::BadUserInput { field, .. } => ext.set("field", field.as_ref()),
                 Self::RateLimited { retry_after } => ext.set("retryAfter", *retry_after),
+                Self::TurnInProgress { active } => ext.set("activeMessageId", active.to_string()),
                 Self::LimitExceeded { limit, max, .. } => {
                     ext.set("limit", *limit);
                     ext.set("max", *max);

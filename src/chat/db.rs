@@ -27,6 +27,8 @@ pub enum BeginError {
     QuotaExceeded(chrono::DateTime<chrono::Utc>),
     /// The turn's app refused it (unavailable, another app than the conversation's, inputs).
     Refused(crate::error::AppError),
+    /// The conversation's previous answer is still streaming: one turn at a time.
+    TurnInProgress(MessageId),
     Db(diesel::result::Error),
 }
 
@@ -121,7 +123,12 @@ pub async fn begin_turn(
         let conversation = match (existing, found) {
             (Some(_), None) => return Err(BeginError::ConversationNotFound),
             (Some(_), Some(mut conversation)) => {
+                // Locks the conversation until the turn is saved: a second turn sent at the same
+                // time waits here, then finds this one's answer streaming.
                 conversations_db::touch(conn, conversation.id, 2).await?;
+                if let Some(active) = active_answer(conn, conversation.id, true).await? {
+                    return Err(BeginError::TurnInProgress(active));
+                }
                 conversation.message_count += 2;
                 conversation.updated_at = at;
                 conversation
@@ -160,6 +167,25 @@ pub async fn begin_turn(
         Ok((conversation, question, answer))
     })
     .await
+}
+
+/// The answer streaming in a conversation now, if any; `lock` reads it as a locking read (the
+/// latest committed state, inside a turn's transaction).
+pub async fn active_answer(
+    conn: &mut AsyncMysqlConnection,
+    conversation: ConversationId,
+    lock: bool,
+) -> QueryResult<Option<MessageId>> {
+    let query = messages::table
+        .filter(messages::conversation_id.eq(conversation))
+        .filter(messages::status.eq(MessageStatus::Streaming))
+        .select(messages::id)
+        .order(messages::id.desc());
+    if lock {
+        query.for_update().first(conn).await.optional()
+    } else {
+        query.first(conn).await.optional()
+    }
 }
 
 /// Marks a stop request, visible to whichever gateway process streams the answer.

@@ -172,6 +172,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 BeginError::ConversationNotFound => AppError::NotFound("conversation"),
                 BeginError::QuotaExceeded(resets_at) => AppError::QuotaExceeded { resets_at },
                 BeginError::Refused(error) => error,
+                BeginError::TurnInProgress(active) => AppError::TurnInProgress { active },
                 BeginError::Db(error) => error.into(),
             })?;
         let (dify, dify_files, inputs) = chosen.expect("a turn that began has its app");

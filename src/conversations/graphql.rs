@@ -64,6 +64,18 @@ impl From<&ConversationRecord> for Conversation {
 
 #[ComplexObject]
 impl Conversation {
+    /// The answer streaming in this conversation now, if any: what a reloaded page follows. It
+    /// becomes null once the answer's final row is written, before its terminal event. A turn
+    /// sent while it is set is refused (`CONFLICT`, with `extensions.activeMessageId`).
+    async fn active_message_id(&self, ctx: &Context<'_>) -> AppResult<Option<ID>> {
+        let mut conn = ctx.app().db.get().await?;
+        Ok(
+            crate::chat::db::active_answer(&mut conn, self.record_id, false)
+                .await?
+                .map(ID::from),
+        )
+    }
+
     /// The app the conversation belongs to; null once that app was deleted (the conversation
     /// stays readable and takes no new turns). Disabled apps are shown to their conversations'
     /// owners too.

@@ -986,7 +986,11 @@ async fn an_answer_past_max_answer_bytes_is_stopped_and_stored_failed_with_what_
         relayed,
         "stored what fits"
     );
-    assert_eq!(app.dify.requests_to("/stop").len(), 1, "Dify was stopped");
+    assert_eq!(
+        app.dify.wait_for_requests("/stop", 1).await,
+        1,
+        "Dify was stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1002,4 +1006,87 @@ async fn a_connection_that_breaks_after_message_end_leaves_the_answer_completed(
     assert_eq!(last["__typename"], "ChatCompleted", "{last}");
     assert_eq!(last["message"]["status"], "COMPLETED");
     assert!(app.dify.requests_to("/stop").is_empty(), "nothing to stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conversation_takes_one_turn_at_a_time() {
+    let (app, _, token) = setup("chat").await;
+    let user = actor(&app, &token);
+    app.dify.push(Script::Long {
+        deltas: 1000,
+        pause: Duration::from_millis(20),
+    });
+    let mut first = user.ws(TRANSPORT_WS).await;
+    first
+        .subscribe(CHAT, json!({ "input": { "query": "a long one" } }))
+        .await;
+    let OpMessage::Next(started) = first.next_op().await else {
+        panic!("no ChatStarted")
+    };
+    let started = &started["data"]["chat"];
+    let (message_id, conversation_id) = (
+        started["messageId"].as_str().unwrap().to_owned(),
+        started["conversation"]["id"].as_str().unwrap().to_owned(),
+    );
+    const ACTIVE: &str =
+        "query($id: ID!) { conversation(id: $id) { activeMessageId messageCount } }";
+    let read = user.gql(ACTIVE, json!({ "id": conversation_id })).await;
+    assert_eq!(
+        read["data"]["conversation"]["activeMessageId"],
+        message_id.as_str(),
+        "{read}"
+    );
+
+    // A second turn while the answer streams: refused, nothing saved, nothing sent.
+    let calls = app.dify.wait_for_requests("/chat-messages", 1).await;
+    let mut second = user.ws(TRANSPORT_WS).await;
+    second
+        .subscribe(
+            CHAT,
+            json!({ "input": { "query": "and another", "conversationId": conversation_id } }),
+        )
+        .await;
+    let errors = second.collect().await.expect_err("refused");
+    let error = &errors["errors"][0];
+    assert_eq!(error["extensions"]["code"], "CONFLICT", "{errors}");
+    assert_eq!(error["extensions"]["activeMessageId"], message_id.as_str());
+    let read = user.gql(ACTIVE, json!({ "id": conversation_id })).await;
+    assert_eq!(
+        read["data"]["conversation"]["messageCount"], 2,
+        "nothing saved"
+    );
+    assert_eq!(
+        app.dify.requests_to("/chat-messages").len(),
+        calls,
+        "nothing sent"
+    );
+
+    // Once it ended, the conversation takes turns again; two sent at once: one wins.
+    user.gql(
+        "mutation($id: ID!) { stopChat(messageId: $id) { status } }",
+        json!({ "id": message_id }),
+    )
+    .await;
+    let read = user.gql(ACTIVE, json!({ "id": conversation_id })).await;
+    assert_eq!(read["data"]["conversation"]["activeMessageId"], Value::Null);
+    for _ in 0..2 {
+        app.dify.push(Script::Long {
+            deltas: 100,
+            pause: Duration::from_millis(20),
+        });
+    }
+    let (mut a, mut b) = (user.ws(TRANSPORT_WS).await, user.ws(TRANSPORT_WS).await);
+    let turn = json!({ "input": { "query": "race", "conversationId": conversation_id } });
+    tokio::join!(
+        a.subscribe(CHAT, turn.clone()),
+        b.subscribe(CHAT, turn.clone())
+    );
+    let outcomes = [a.next_op().await, b.next_op().await];
+    let started = outcomes
+        .iter()
+        .filter(
+            |o| matches!(o, OpMessage::Next(p) if p["data"]["chat"]["__typename"] == "ChatStarted"),
+        )
+        .count();
+    assert_eq!(started, 1, "{outcomes:?}");
 }

@@ -88,8 +88,9 @@ async fn a_user_may_have_three_answers_streaming() {
     }
     let (messages, calls) = (
         stored_messages(&app).await,
-        app.dify.requests_to("/chat-messages").len(),
+        app.dify.wait_for_requests("/chat-messages", 3).await,
     );
+    assert_eq!(calls, 3);
     ws.send(json!({ "id": "d", "type": "subscribe", "payload": { "query": CHAT, "variables": { "input": { "query": "one more" } } } }))
         .await;
     let error = refusal(&mut ws, "d").await;

@@ -113,7 +113,7 @@ async fn deactivation_closes_the_sockets_and_stops_live_answers() {
     }
     assert_eq!(status, "STOPPED");
     assert!(
-        !app.dify.requests_to("/stop").is_empty(),
+        app.dify.wait_for_requests("/stop", 1).await > 0,
         "Dify was asked to stop"
     );
 }

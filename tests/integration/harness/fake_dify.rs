@@ -211,6 +211,19 @@ impl FakeDify {
             .collect()
     }
 
+    /// Waits (up to 2 s) until `n` requests went to a path containing `path_part`: a turn's
+    /// `ChatStarted` comes before its relay calls Dify. Returns how many there are then.
+    #[allow(dead_code)]
+    pub async fn wait_for_requests(&self, path_part: &str, n: usize) -> usize {
+        for _ in 0..100 {
+            if self.requests_to(path_part).len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.requests_to(path_part).len()
+    }
+
     /// Forgets a conversation, as if it were deleted in Dify's console.
     pub fn forget_conversations(&self) {
         self.state.conversations.lock().unwrap().clear();
