@@ -74,9 +74,7 @@ impl DifyApp {
             .get(self.record.id)
             .and_then(|a| a.dify.clone())
             .ok_or(AppError::AppUnavailable)?;
-        let raw = dify.client.parameters().await?;
-        let mut conn = app.db.get().await?;
-        db::set_parameters(&mut conn, dify.id, &raw.to_string()).await?;
+        let raw = app.store_parameters(&dify).await?;
         app.app_cache.invalidate();
         Ok(AppParameters::parse(raw, app.config.upload_max_bytes))
     }
@@ -201,7 +199,11 @@ struct Checked {
 
 async fn check_key(app: &App, key: &SecretString, url: Option<&url::Url>) -> AppResult<Checked> {
     let url = url.unwrap_or(&app.config.dify_api_url).clone();
-    let client = DifyClient::new(app.dify_http.clone(), url, key.clone());
+    read_dify(&DifyClient::new(app.dify_http.clone(), url, key.clone())).await
+}
+
+/// An app's `/info` and `/parameters`, as Dify answers them now.
+async fn read_dify(client: &DifyClient) -> AppResult<Checked> {
     let info = client.info().await?;
     if AppMode::parse(&info.mode).is_none() {
         return Err(AppError::bad_input(
@@ -216,6 +218,21 @@ async fn check_key(app: &App, key: &SecretString, url: Option<&url::Url>) -> App
         description: info.description,
         parameters: parameters.to_string(),
     })
+}
+
+impl Checked {
+    /// Puts what Dify said into the app's row (its name only unless an admin renamed it).
+    fn apply_to(self, record: &mut AppRecord) {
+        record.mode = self.mode;
+        record.description = self.description;
+        if !record.name_is_custom
+            && let Some(name) = self.name
+        {
+            record.name = name;
+        }
+        record.parameters = Some(self.parameters);
+        record.parameters_at = Some(now());
+    }
 }
 
 /// The app as it is now, after a change.
@@ -305,16 +322,9 @@ pub async fn update(app: &App, id: AppId, input: UpdateDifyAppInput) -> AppResul
             .api_url
             .as_deref()
             .and_then(|u| url::Url::parse(u).ok());
-        let checked = check_key(app, &key, url.as_ref()).await?;
-        record.mode = checked.mode;
-        record.description = checked.description;
-        if !record.name_is_custom
-            && let Some(dify_name) = checked.name
-        {
-            record.name = dify_name;
-        }
-        record.parameters = Some(checked.parameters);
-        record.parameters_at = Some(now());
+        check_key(app, &key, url.as_ref())
+            .await?
+            .apply_to(&mut record);
         record.api_key_encrypted = Some(encrypt(&app.keys.cipher_key, &key));
         record.api_key_preview = Some(preview(key.expose_secret()));
     }
@@ -418,21 +428,12 @@ impl AppMutation {
             .dify
             .clone()
             .ok_or(AppError::AppUnavailable)?;
-        let info = dify.client.info().await?;
-        let parameters = dify.client.parameters().await?;
+        let checked = read_dify(&dify.client).await?;
         let mut conn = app.db.get().await?;
         let mut record = db::find_live(&mut conn, id)
             .await?
             .ok_or(AppError::NotFound("app"))?;
-        if !record.name_is_custom
-            && let Some(name) = info.name
-        {
-            record.name = name;
-        }
-        record.description = info.description;
-        record.mode = info.mode;
-        record.parameters = Some(parameters.to_string());
-        record.parameters_at = Some(now());
+        checked.apply_to(&mut record);
         db::save(&mut conn, &record).await?;
         drop(conn);
         reloaded(app, id).await

@@ -49,6 +49,14 @@ pub struct LoadedApp {
 }
 
 impl LoadedApp {
+    /// What the app takes as attachments (nothing while its parameters are unknown).
+    pub fn file_upload(&self) -> parameters::FileUploadSettings {
+        self.parameters
+            .as_ref()
+            .map(|p| p.file_upload.clone())
+            .unwrap_or_default()
+    }
+
     /// Usable for a new turn: enabled, with a readable key.
     fn usable(&self) -> AppResult<&Dify> {
         match &self.dify {
@@ -162,13 +170,6 @@ impl App {
         Ok(apps)
     }
 
-    /// The Dify client of the default app, or `DIFY_NOT_CONFIGURED`.
-    pub async fn dify(&self) -> AppResult<Dify> {
-        let apps = self.apps().await?;
-        let default = apps.default_app().ok_or(AppError::DifyNotConfigured)?;
-        default.dify.clone().ok_or(AppError::DifyNotConfigured)
-    }
-
     /// The Dify client of a conversation's app (`None`: the default app) for calls about what
     /// already exists (stop, feedback, rename, delete): a disabled app still answers them; a
     /// deleted one, or none at all, is `None`.
@@ -234,11 +235,11 @@ impl App {
         });
     }
 
-    /// Reads an app's `/parameters` from Dify and stores it.
-    pub async fn store_parameters(&self, dify: &Dify) -> AppResult<()> {
+    /// Reads an app's `/parameters` from Dify and stores it; returns what Dify answered.
+    pub async fn store_parameters(&self, dify: &Dify) -> AppResult<serde_json::Value> {
         let raw = dify.client.parameters().await?;
         let mut conn = self.db.get().await?;
         db::set_parameters(&mut conn, dify.id, &raw.to_string()).await?;
-        Ok(())
+        Ok(raw)
     }
 }

@@ -157,11 +157,7 @@ impl TurnFiles {
         if self.items.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let settings = app
-            .parameters
-            .as_ref()
-            .map(|p| p.file_upload.clone())
-            .unwrap_or_default();
+        let settings = app.file_upload();
         if let Some(limit) = settings.number_limit
             && self.items.len() > limit.max(0) as usize
         {
@@ -408,11 +404,7 @@ impl FileMutation {
         }
         let extension = extension_of(&name);
         let kind = extension.as_deref().map_or("custom", type_of_extension);
-        let settings = loaded
-            .parameters
-            .as_ref()
-            .map(|p| p.file_upload.clone())
-            .unwrap_or_default();
+        let settings = loaded.file_upload();
         check_type(&settings, kind, extension.as_deref(), "file".into())?;
         let max = settings
             .max_bytes

@@ -21,7 +21,15 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     let app = TestApp::spawn_with(|c| c.flush_interval = Duration::from_secs(3600)).await;
     let user = app.register("writer@example.com").await;
     app.configure_dify(&user, "chat").await;
-    let default_app = app.app.dify().await.unwrap().id;
+    let default_app = app
+        .app
+        .apps()
+        .await
+        .unwrap()
+        .default_app()
+        .unwrap()
+        .record
+        .id;
     let session = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
     let starter = Starter {
         owner: session.user,
