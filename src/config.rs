@@ -63,9 +63,12 @@ pub struct Config {
     /// The longest a query, a mutation or a chat's start may wait (for a frozen database, say)
     /// before it is answered `SERVICE_UNAVAILABLE`.
     pub operation_timeout: Duration,
-    /// `SUBSCRIBER_BUFFER_BYTES`: how far (in bytes of events) a subscriber may fall behind its
-    /// answer before it is dropped; the answer goes on and is stored either way.
-    pub subscriber_buffer_bytes: usize,
+    /// `RESUME_BUFFER_BYTES`: the events kept per answer for subscribers that resume or read
+    /// slowly; beyond it the oldest are folded into a `ChatSnapshot`.
+    pub resume_buffer_bytes: usize,
+    /// How long an ended answer's events stay in memory for `resumeChat` (then the database
+    /// answers).
+    pub resume_grace: Duration,
     /// `AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS`: registrations and sign-ins per client address.
     pub auth_attempts_per_minute_per_address: u32,
     /// `TRUST_FORWARDED_FOR`: take the client address from the last `X-Forwarded-For` entry
@@ -93,6 +96,8 @@ pub struct Config {
 /// The largest `MAX_ANSWER_BYTES`: an answer is one MEDIUMTEXT value in one statement.
 pub const MAX_ANSWER_BYTES_CEILING: usize = 15 << 20;
 
+/// How long an ended answer stays resumable from memory.
+pub const RESUME_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_DATABASE_URL: &str = "mysql://root@127.0.0.1:3306/rechat";
 pub const DEFAULT_DIFY_API_URL: &str = "https://api.dify.ai/v1";
 
@@ -189,18 +194,16 @@ impl Config {
                 });
             }
         };
-        let subscriber_buffer_bytes: usize = parse(
-            "SUBSCRIBER_BUFFER_BYTES",
-            get("SUBSCRIBER_BUFFER_BYTES"),
-            Some(1 << 20),
-            "a number of bytes, at least 65536",
+        let resume_buffer_bytes: usize = parse(
+            "RESUME_BUFFER_BYTES",
+            get("RESUME_BUFFER_BYTES"),
+            Some(256 * 1024),
+            "a number of bytes, at least 16384",
         )?;
-        if subscriber_buffer_bytes < 65_536 {
+        if resume_buffer_bytes < 16_384 {
             return Err(ConfigError {
-                variable: "SUBSCRIBER_BUFFER_BYTES",
-                expected: format!(
-                    "a number of bytes, at least 65536, got {subscriber_buffer_bytes}"
-                ),
+                variable: "RESUME_BUFFER_BYTES",
+                expected: format!("a number of bytes, at least 16384, got {resume_buffer_bytes}"),
             });
         }
         let limit = |variable: &'static str, default: u64| -> Result<u64, ConfigError> {
@@ -275,7 +278,8 @@ impl Config {
             body_timeout: Duration::from_secs(30),
             ws_keepalive: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(30),
-            subscriber_buffer_bytes,
+            resume_buffer_bytes,
+            resume_grace: RESUME_GRACE,
         })
     }
 
@@ -302,7 +306,8 @@ impl Config {
             body_timeout: Duration::from_secs(2),
             ws_keepalive: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(2),
-            subscriber_buffer_bytes: 1 << 20,
+            resume_buffer_bytes: 256 * 1024,
+            resume_grace: RESUME_GRACE,
             auth_attempts_per_minute_per_address: 30,
             trust_forwarded_for: false,
             chat_turns_per_minute: 20,
@@ -440,8 +445,8 @@ mod tests {
             ("CORS_ORIGINS", "app.example.com"),
             ("JWT_EXPIRE_MINUTES", "-5"),
             ("LOG_FORMAT", "xml"),
-            ("SUBSCRIBER_BUFFER_BYTES", "1000"),
-            ("SUBSCRIBER_BUFFER_BYTES", "lots"),
+            ("RESUME_BUFFER_BYTES", "1000"),
+            ("RESUME_BUFFER_BYTES", "lots"),
             ("AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS", "0"),
             ("TRUST_FORWARDED_FOR", "maybe"),
             ("CHAT_TURNS_PER_MINUTE", "-1"),

@@ -3,7 +3,7 @@
 
 use diesel::dsl::{case_when, sql};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Date, Nullable, Varchar};
+use diesel::sql_types::{BigInt, Bool, Date, Integer, Nullable, Varchar};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::apps::AppId;
@@ -29,12 +29,28 @@ pub enum BeginError {
     Refused(crate::error::AppError),
     /// The conversation's previous answer is still streaming: one turn at a time.
     TurnInProgress(MessageId),
+    /// The owner already sent a turn with this `clientMessageId`: its answer, and whether it
+    /// was sent with the same query.
+    Replay {
+        answer: MessageId,
+        same_query: bool,
+    },
+    /// Another turn with the same `clientMessageId` was saved meanwhile (two sends racing).
+    ClientMessageIdTaken,
     Db(diesel::result::Error),
 }
 
 impl From<diesel::result::Error> for BeginError {
     fn from(error: diesel::result::Error) -> Self {
-        Self::Db(error)
+        use diesel::result::{DatabaseErrorKind, Error};
+        match error {
+            // Message ids are fresh UUIDs: the one unique key a turn can hit is its owner's
+            // `clientMessageId`.
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+                Self::ClientMessageIdTaken
+            }
+            error => Self::Db(error),
+        }
     }
 }
 
@@ -54,7 +70,8 @@ pub struct Chosen {
 }
 
 /// Everything a turn needs before Dify is called, in one transaction on one connection: the
-/// account, its token quota and the conversation's owner checked in one query, then the turn's
+/// account, its token quota, the conversation's owner and an earlier turn with the same
+/// `client_message_id` (a retry: nothing new is saved) checked in one query, then the turn's
 /// app chosen by `choose` (given the conversation's app, `None` for a new conversation; it may
 /// refuse the turn), then the conversation (created on a first turn), the user's message and an
 /// empty STREAMING answer.
@@ -63,6 +80,7 @@ pub async fn begin_turn(
     starter: Starter,
     existing: Option<ConversationId>,
     query: &str,
+    client_message_id: Option<&str>,
     choose: impl FnOnce(Option<Option<AppId>>) -> Result<Chosen, crate::error::AppError> + Send,
 ) -> Result<(ConversationRecord, MessageRecord, MessageRecord), BeginError> {
     let Starter {
@@ -78,18 +96,24 @@ pub async fn begin_turn(
         )
         .bind::<Date, _>(period)
         .sql(")");
-        let (active, version, quota, quota_set, used, found): (
+        let (active, version, quota, quota_set, used, found, earlier): (
             bool,
             i32,
             Option<i64>,
             bool,
             Option<i64>,
             Option<ConversationRecord>,
+            Option<(MessageId, ConversationId, String)>,
         ) = users::table
             .left_join(
                 conversations::table.on(conversations::user_id
                     .eq(users::id)
                     .and(conversations::id.nullable().eq(existing))),
+            )
+            .left_join(
+                messages::table.on(messages::client_owner_id
+                    .eq(users::id.nullable())
+                    .and(messages::client_message_id.eq(client_message_id))),
             )
             .filter(users::id.eq(owner))
             .select((
@@ -99,6 +123,7 @@ pub async fn begin_turn(
                 users::token_quota_set,
                 used_this_period,
                 Option::<ConversationRecord>::as_select(),
+                (messages::id, messages::conversation_id, messages::content).nullable(),
             ))
             .first(conn)
             .await
@@ -106,6 +131,20 @@ pub async fn begin_turn(
             .ok_or(BeginError::SessionInvalid)?;
         if !active || version != token_version {
             return Err(BeginError::SessionInvalid);
+        }
+        if let Some((question, conversation, earlier_query)) = earlier {
+            let answer = messages::table
+                .filter(messages::conversation_id.eq(conversation))
+                .filter(messages::id.gt(question))
+                .filter(messages::role.eq(MessageRole::Assistant))
+                .order(messages::id.asc())
+                .select(messages::id)
+                .first(conn)
+                .await?;
+            return Err(BeginError::Replay {
+                answer,
+                same_query: earlier_query == query,
+            });
         }
         if let Some(quota) = quota::effective(quota, quota_set, default_quota)
             && used.unwrap_or(0).max(0) as u64 >= quota
@@ -157,6 +196,10 @@ pub async fn begin_turn(
             MessageStatus::Completed,
         );
         question.files = question_files;
+        if let Some(key) = client_message_id {
+            question.client_message_id = Some(key.to_owned());
+            question.client_owner_id = Some(owner);
+        }
         let answer = MessageRecord::new(
             conversation.id,
             MessageRole::Assistant,
@@ -205,6 +248,8 @@ pub async fn request_stop(conn: &mut AsyncMysqlConnection, id: MessageId) -> Que
 #[derive(Debug, Clone)]
 pub struct FinalAnswer<'a> {
     pub content: &'a str,
+    /// The `seq` of the terminal event.
+    pub last_seq: i32,
     pub status: MessageStatus,
     pub error: Option<String>,
     pub usage: Option<String>,
@@ -241,6 +286,7 @@ pub async fn finish(
     let updated = diesel::update(messages::table.find(id))
         .set((
             messages::content.eq(answer.content),
+            messages::last_seq.eq(answer.last_seq),
             messages::status.eq(status),
             messages::error.eq(&answer.error),
             messages::usage.eq(&answer.usage),
@@ -306,6 +352,8 @@ pub async fn sweep_interrupted(
     .set((
         messages::status.eq(MessageStatus::Interrupted),
         messages::error.eq(INTERRUPTED_ERROR),
+        // The INTERRUPTED answer's terminal event, sent to whoever resumes it, is the next one.
+        messages::last_seq.eq(sql::<Nullable<Integer>>("COALESCE(last_seq, 0) + 1")),
         messages::updated_at.eq(now()),
     ))
     .execute(conn)

@@ -6,7 +6,8 @@ use serde_json::Value;
 use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Message, MessageFile};
 
 /// One event of an answer. Every event names the assistant message it belongs to and a
-/// sequence number that starts at 1 and grows by 1 per event of that message.
+/// sequence number that starts at 1 and grows by 1 per event of that message; a resumed
+/// subscription (`resumeChat`) gets the same events with the same numbers.
 #[derive(Interface)]
 #[graphql(
     field(
@@ -29,30 +30,45 @@ pub enum ChatEvent {
     MessageFileAdded(MessageFileAdded),
     WorkflowProgress(Box<WorkflowProgress>),
     DifyEvent(DifyEvent),
+    ChatSnapshot(Box<ChatSnapshot>),
     ChatCompleted(Box<ChatCompleted>),
     ChatFailed(Box<ChatFailed>),
 }
 
-impl ChatEvent {
-    fn header(&mut self) -> (&mut ID, &mut i32) {
-        match self {
-            Self::ChatStarted(e) => (&mut e.message_id, &mut e.seq),
-            Self::AnswerDelta(e) => (&mut e.message_id, &mut e.seq),
-            Self::AnswerReplaced(e) => (&mut e.message_id, &mut e.seq),
-            Self::AgentThoughtUpdated(e) => (&mut e.message_id, &mut e.seq),
-            Self::MessageFileAdded(e) => (&mut e.message_id, &mut e.seq),
-            Self::WorkflowProgress(e) => (&mut e.message_id, &mut e.seq),
-            Self::DifyEvent(e) => (&mut e.message_id, &mut e.seq),
-            Self::ChatCompleted(e) => (&mut e.message_id, &mut e.seq),
-            Self::ChatFailed(e) => (&mut e.message_id, &mut e.seq),
+/// Evaluates `$body` with `$e` bound to the inner event of whichever variant `$event` is.
+macro_rules! each_variant {
+    ($event:expr, $e:ident => $body:expr) => {
+        match $event {
+            ChatEvent::ChatStarted($e) => $body,
+            ChatEvent::AnswerDelta($e) => $body,
+            ChatEvent::AnswerReplaced($e) => $body,
+            ChatEvent::AgentThoughtUpdated($e) => $body,
+            ChatEvent::MessageFileAdded($e) => $body,
+            ChatEvent::WorkflowProgress($e) => $body,
+            ChatEvent::DifyEvent($e) => $body,
+            ChatEvent::ChatSnapshot($e) => $body,
+            ChatEvent::ChatCompleted($e) => $body,
+            ChatEvent::ChatFailed($e) => $body,
         }
-    }
+    };
+}
 
+impl ChatEvent {
     /// Sets the event's `messageId` and `seq`: done in one place, by the relay's emitter.
     pub fn stamp(&mut self, message_id: &ID, seq: i32) {
-        let (id, number) = self.header();
-        id.clone_from(message_id);
-        *number = seq;
+        each_variant!(self, e => {
+            e.message_id.clone_from(message_id);
+            e.seq = seq;
+        })
+    }
+
+    pub fn seq_number(&self) -> i32 {
+        each_variant!(self, e => e.seq)
+    }
+
+    /// The last event of an answer.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::ChatCompleted(_) | Self::ChatFailed(_))
     }
 
     /// Roughly the bytes this event takes while it waits for its subscriber: its text plus a
@@ -69,6 +85,7 @@ impl ChatEvent {
                         + t.tool_input.as_ref().map_or(0, String::len)
                         + t.observation.as_ref().map_or(0, String::len)
                 }
+                Self::ChatSnapshot(e) => e.message.content.len(),
                 Self::ChatCompleted(e) => e.message.content.len(),
                 Self::ChatFailed(e) => e.message.content.len(),
                 Self::ChatStarted(_)
@@ -89,6 +106,7 @@ impl ChatEvent {
             Self::MessageFileAdded(_) => "MessageFileAdded",
             Self::WorkflowProgress(_) => "WorkflowProgress",
             Self::DifyEvent(_) => "DifyEvent",
+            Self::ChatSnapshot(_) => "ChatSnapshot",
             Self::ChatCompleted(_) => "ChatCompleted",
             Self::ChatFailed(_) => "ChatFailed",
         }
@@ -190,6 +208,19 @@ pub struct DifyEvent {
     pub event: String,
     /// The whole Dify frame, untouched.
     pub data: Json<Value>,
+}
+
+/// The answer as it stands, covering every event up to `seq`: sent to a subscriber that resumes
+/// (or reads) from a point whose events are no longer retained. Replace what you have of the
+/// answer with `message`; the next event has `seq` + 1.
+#[derive(SimpleObject)]
+pub struct ChatSnapshot {
+    /// The assistant message.
+    pub message_id: ID,
+    /// The `seq` of the last event this snapshot covers.
+    pub seq: i32,
+    /// The answer as it stands: content, agent thoughts and files so far, and its status.
+    pub message: Message,
 }
 
 /// Last: the answer is saved with status COMPLETED or STOPPED.

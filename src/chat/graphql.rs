@@ -1,13 +1,13 @@
 //! The `chat` subscription, `stopChat` and `setMessageFeedback`.
 
 use async_graphql::{Context, ID, InputObject, Json, Object, Subscription};
-use futures::stream::BoxStream;
 use serde_json::Value;
 
 use super::db::{BeginError, Chosen, Starter};
-use super::events::ChatEvent;
+use super::log::{AnswerLog, ChatStream};
 use super::relay::{self, Turn};
-use super::{dify_user, stop_message};
+use super::resume::resume;
+use super::{Registration, dify_user, stop_message};
 use crate::apps::{AppId, Dify};
 use crate::conversations::db as conversations_db;
 use crate::conversations::domain::{ConversationId, MessageId, MessageRole, Rating};
@@ -40,7 +40,15 @@ pub struct ChatInput {
     /// Attachments, checked against the app's `fileUpload` settings; listed in the user
     /// message's `files`.
     pub files: Option<Vec<ChatFileInput>>,
+    /// An idempotency key for the turn: 1 to 64 of `A-Z a-z 0-9 _ -`, unique among your
+    /// turns. Sending again with a key already used for the same query starts nothing new and
+    /// streams that turn as `resumeChat(messageId, afterSeq: 0)` does; with another query it is
+    /// `CONFLICT`. Retry a send whose socket dropped with the same key.
+    pub client_message_id: Option<String>,
 }
+
+/// The longest `clientMessageId`.
+pub const CLIENT_MESSAGE_ID_MAX: usize = 64;
 
 #[derive(Default)]
 pub struct ChatSubscription;
@@ -56,10 +64,33 @@ impl ChatSubscription {
         // The macro recognises a fallible stream only by the name `Result`, hence the wrapper.
         Ok(start(ctx, input).await?)
     }
-}
 
-/// The events of an answer; an error ends it when the subscriber fell too far behind.
-type ChatStream = BoxStream<'static, Result<ChatEvent, async_graphql::Error>>;
+    /// Re-attaches to one of your answers, after a reload or a dropped socket: every event with
+    /// `seq > afterSeq` exactly as first sent, then the live ones, then the terminal event, and
+    /// the subscription completes. Where some of the missed events are no longer kept
+    /// (`RESUME_BUFFER_BYTES`, or the answer ended over a minute ago) the first event is a
+    /// `ChatSnapshot` of the answer up to its `seq`. On an answer that ended: a `ChatSnapshot`
+    /// (unless `afterSeq` is past it) and the original terminal event. `NOT_FOUND` for someone
+    /// else's message.
+    async fn resume_chat(
+        &self,
+        ctx: &Context<'_>,
+        message_id: ID,
+        #[graphql(
+            default = 0,
+            desc = "The `seq` of the last event you have; 0 (or null) for everything."
+        )]
+        after_seq: Option<i32>,
+    ) -> async_graphql::Result<ChatStream> {
+        let viewer = ctx.user()?;
+        let id = MessageId::parse("messageId", &message_id)?;
+        let after_seq = after_seq.unwrap_or(0);
+        if after_seq < 0 {
+            return Err(AppError::bad_input("afterSeq", "afterSeq must be 0 or more").into());
+        }
+        Ok(resume(ctx.app(), viewer.id, id, after_seq).await?)
+    }
+}
 
 /// The inputs a workflow app receives: the query goes in as the variable `query` unless the
 /// inputs set it (see `ChatInput.query`).
@@ -115,6 +146,25 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         .app_id
         .map(|id| AppId::parse("appId", &id))
         .transpose()?;
+    let client_message_id = input.client_message_id;
+    if let Some(key) = &client_message_id {
+        let valid = (1..=CLIENT_MESSAGE_ID_MAX).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(AppError::bad_input(
+                "clientMessageId",
+                format!(
+                    "clientMessageId must have 1 to {CLIENT_MESSAGE_ID_MAX} of A-Z a-z 0-9 _ -"
+                ),
+            ));
+        }
+        // A retry while the turn's answer streams here: no limit applies, nothing is read.
+        if let Some((answer, same_query)) = app.streams.by_client(viewer.id, key, &query) {
+            return replay(&app, viewer.id, answer, same_query).await;
+        }
+    }
 
     let config = &app.config;
     app.throttles
@@ -145,45 +195,80 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         let files =
             TurnFiles::load(&app, viewer.id, input.files.unwrap_or_default(), "files").await?;
         let input_files = TurnFiles::load(&app, viewer.id, input_files(&inputs), "inputs").await?;
-        let mut chosen = None;
-        // Inside the turn's transaction, once the conversation's app is known: the app must take
-        // turns, and the inputs must fit its form.
-        let choose = |conversation_app| {
-            let (loaded, dify) = apps.for_turn(conversation_app, requested_app)?;
-            if let Some(parameters) = &loaded.parameters {
-                parameters.check_inputs(&with_workflow_query(dify.mode, &inputs, &query))?;
-            }
-            let (dify_files, listed) = files.for_app(loaded)?;
-            let mut inputs = inputs.clone();
-            input_files.fill_inputs(loaded, &mut inputs)?;
-            chosen = Some((dify.clone(), dify_files, inputs));
-            Ok(Chosen {
-                app: dify.id,
-                question_files: (!listed.is_empty())
-                    .then(|| serde_json::to_string(&listed).ok())
-                    .flatten(),
-            })
-        };
         let mut conn = app.db.get().await?;
-        let turn = super::db::begin_turn(&mut conn, starter, conversation_id, &query, choose)
-            .await
-            .map_err(|error| match error {
+        let mut retried = false;
+        loop {
+            let mut chosen = None;
+            // Inside the turn's transaction, once the conversation's app is known: the app must
+            // take turns, and the inputs must fit its form.
+            let choose = |conversation_app| {
+                let (loaded, dify) = apps.for_turn(conversation_app, requested_app)?;
+                if let Some(parameters) = &loaded.parameters {
+                    parameters.check_inputs(&with_workflow_query(dify.mode, &inputs, &query))?;
+                }
+                let (dify_files, listed) = files.for_app(loaded)?;
+                let mut inputs = inputs.clone();
+                input_files.fill_inputs(loaded, &mut inputs)?;
+                chosen = Some((dify.clone(), dify_files, inputs));
+                Ok(Chosen {
+                    app: dify.id,
+                    question_files: (!listed.is_empty())
+                        .then(|| serde_json::to_string(&listed).ok())
+                        .flatten(),
+                })
+            };
+            let began = super::db::begin_turn(
+                &mut conn,
+                starter,
+                conversation_id,
+                &query,
+                client_message_id.as_deref(),
+                choose,
+            )
+            .await;
+            let error = match began {
+                Ok(turn) => {
+                    let (dify, dify_files, inputs) = chosen.expect("a turn that began has its app");
+                    return Ok(Began::Turn(dify, dify_files, inputs, turn));
+                }
+                Err(BeginError::Replay { answer, same_query }) => {
+                    return Ok(Began::Replay { answer, same_query });
+                }
+                Err(error) => error,
+            };
+            // A send racing with this one saved the same key first (its turn holds the key, or
+            // the conversation): once more, this time finding that turn.
+            let raced = matches!(
+                error,
+                BeginError::ClientMessageIdTaken | BeginError::TurnInProgress(_)
+            );
+            if raced && client_message_id.is_some() && !std::mem::replace(&mut retried, true) {
+                continue;
+            }
+            return Err(match error {
                 BeginError::SessionInvalid => AppError::Unauthenticated(SESSION_INVALID),
                 BeginError::ConversationNotFound => AppError::NotFound("conversation"),
                 BeginError::QuotaExceeded(resets_at) => AppError::QuotaExceeded { resets_at },
                 BeginError::Refused(error) => error,
                 BeginError::TurnInProgress(active) => AppError::TurnInProgress { active },
+                BeginError::ClientMessageIdTaken => CLIENT_MESSAGE_ID_REUSED,
+                BeginError::Replay { .. } => unreachable!("returned above"),
                 BeginError::Db(error) => error.into(),
-            })?;
-        let (dify, dify_files, inputs) = chosen.expect("a turn that began has its app");
-        Ok::<_, AppError>((dify, dify_files, inputs, turn))
+            });
+        }
     };
     // Nothing is sent to Dify before the turn is saved; a database that does not answer in time
     // is an outage for this turn, not a hang.
-    let (dify, dify_files, inputs, (conversation, question, answer)) =
-        tokio::time::timeout(config.operation_timeout, begin)
-            .await
-            .map_err(|_| AppError::Unavailable)??;
+    let began = tokio::time::timeout(config.operation_timeout, begin)
+        .await
+        .map_err(|_| AppError::Unavailable)??;
+    let (dify, dify_files, inputs, (conversation, question, answer)) = match began {
+        Began::Turn(dify, dify_files, inputs, turn) => (dify, dify_files, inputs, turn),
+        Began::Replay { answer, same_query } => {
+            drop(slot);
+            return replay(&app, viewer.id, answer, same_query).await;
+        }
+    };
     let request = ChatRequest {
         query,
         inputs,
@@ -195,10 +280,17 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         files: dify_files,
     };
     let span = tracing::info_span!("chat", message.id = %answer.id, conversation.id = %conversation.id, user.id = %viewer.id);
-    let (tx, rx) = super::subscriber::channel(app.config.subscriber_buffer_bytes);
-    let handle = app.streams.register(answer.id, &slot);
+    let log = AnswerLog::new(viewer.id, config.resume_buffer_bytes);
+    let events = log.subscribe(0);
+    let registration = Registration {
+        id: answer.id,
+        log: log.clone(),
+        client: client_message_id.map(|key| (key, request.query.clone())),
+    };
+    let handle = app.streams.register(registration, &slot);
     let message_id = answer.id;
     let streams = app.streams.clone();
+    let grace = config.resume_grace;
     let active = app.metrics.active_streams.clone();
     active.inc();
     let turn = Turn {
@@ -209,14 +301,50 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     };
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            relay::run(app, dify, turn, tx, handle).await;
-            streams.remove(message_id);
+            relay::run(app, dify, turn, log, handle).await;
+            streams.remove(message_id, grace);
             drop(slot);
             active.dec();
         },
         span,
     ));
-    Ok(rx.into_stream())
+    Ok(events)
+}
+
+/// What a turn's transaction came to: a new turn, or an earlier one sent with the same
+/// `clientMessageId`.
+enum Began {
+    Turn(
+        Dify,
+        Vec<Value>,
+        serde_json::Map<String, Value>,
+        (
+            conversations_db::ConversationRecord,
+            conversations_db::MessageRecord,
+            conversations_db::MessageRecord,
+        ),
+    ),
+    Replay {
+        answer: MessageId,
+        same_query: bool,
+    },
+}
+
+const CLIENT_MESSAGE_ID_REUSED: AppError =
+    AppError::Conflict("this clientMessageId was already used for a different query");
+
+/// A send whose `clientMessageId` names an earlier turn: that turn's answer from the start, as
+/// `resumeChat` gives it; `CONFLICT` when the earlier turn asked something else.
+async fn replay(
+    app: &crate::app::App,
+    owner: crate::users::domain::UserId,
+    answer: MessageId,
+    same_query: bool,
+) -> AppResult<ChatStream> {
+    if !same_query {
+        return Err(CLIENT_MESSAGE_ID_REUSED);
+    }
+    resume(app, owner, answer, 0).await
 }
 
 #[derive(Default)]

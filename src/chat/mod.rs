@@ -5,8 +5,9 @@ pub mod answer;
 pub mod db;
 pub mod events;
 pub mod graphql;
+pub mod log;
 pub mod relay;
-pub mod subscriber;
+pub mod resume;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
+use self::log::AnswerLog;
 use crate::app::{App, Dify};
 use crate::conversations::db::MessageRecord;
 use crate::conversations::domain::{MessageId, MessageStatus};
@@ -31,10 +33,12 @@ pub struct StreamHandle {
     pub stop: Notify,
     /// Becomes `true` when the answer is stored.
     pub done: watch::Sender<bool>,
+    client_message_id: Option<String>,
 }
 
-/// The answers this process is streaming, so a stop reaches them at once, and how many each user
-/// has. Stops from other processes go through Dify (with the stored task id) and the
+/// The answers this process is streaming, so a stop reaches them at once, how many each user
+/// has, and their event logs (kept for a grace period after they end) for subscribers that
+/// resume. Stops from other processes go through Dify (with the stored task id) and the
 /// `stop_requested` column.
 #[derive(Default, Clone)]
 pub struct Streams(Arc<Mutex<Registry>>);
@@ -43,6 +47,17 @@ pub struct Streams(Arc<Mutex<Registry>>);
 struct Registry {
     handles: HashMap<MessageId, Arc<StreamHandle>>,
     per_owner: HashMap<UserId, u32>,
+    logs: HashMap<MessageId, Arc<AnswerLog>>,
+    /// Live answers by their turn's `clientMessageId`, with the turn's query.
+    clients: HashMap<(UserId, String), (MessageId, String)>,
+}
+
+/// A live answer's turn as the registry knows it.
+pub struct Registration {
+    pub id: MessageId,
+    pub log: Arc<AnswerLog>,
+    /// The turn's `clientMessageId` and query.
+    pub client: Option<(String, String)>,
 }
 
 /// A user's place among the answers streaming here, taken before a turn is saved and given
@@ -88,20 +103,56 @@ impl Streams {
         self.lock().per_owner.get(&owner).copied().unwrap_or(0)
     }
 
-    pub fn register(&self, id: MessageId, slot: &Slot) -> Arc<StreamHandle> {
+    pub fn register(&self, turn: Registration, slot: &Slot) -> Arc<StreamHandle> {
         let handle = Arc::new(StreamHandle {
             owner: slot.owner,
             stop: Notify::new(),
             done: watch::Sender::new(false),
+            client_message_id: turn.client.as_ref().map(|(key, _)| key.clone()),
         });
-        self.lock().handles.insert(id, handle.clone());
+        let mut registry = self.lock();
+        registry.handles.insert(turn.id, handle.clone());
+        registry.logs.insert(turn.id, turn.log);
+        if let Some((key, query)) = turn.client {
+            registry.clients.insert((slot.owner, key), (turn.id, query));
+        }
         handle
     }
 
-    pub fn remove(&self, id: MessageId) {
-        if let Some(handle) = self.lock().handles.remove(&id) {
+    /// The answer ended: its log stays for `grace`, for subscribers that resume.
+    pub fn remove(&self, id: MessageId, grace: Duration) {
+        let mut registry = self.lock();
+        if let Some(handle) = registry.handles.remove(&id) {
             handle.done.send_replace(true);
+            if let Some(key) = handle.client_message_id.clone() {
+                registry.clients.remove(&(handle.owner, key));
+            }
         }
+        drop(registry);
+        let streams = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            streams.lock().logs.remove(&id);
+        });
+    }
+
+    /// The events of an answer streaming here, or ended here less than the grace period ago.
+    pub fn log(&self, id: MessageId) -> Option<Arc<AnswerLog>> {
+        self.lock().logs.get(&id).cloned()
+    }
+
+    /// The live answer of `owner`'s turn sent with `client_message_id`, and whether that turn
+    /// asked `query`.
+    pub fn by_client(
+        &self,
+        owner: UserId,
+        client_message_id: &str,
+        query: &str,
+    ) -> Option<(MessageId, bool)> {
+        self.lock()
+            .clients
+            .get(&(owner, client_message_id.to_owned()))
+            .map(|(id, asked)| (*id, asked == query))
     }
 
     pub fn get(&self, id: MessageId) -> Option<Arc<StreamHandle>> {

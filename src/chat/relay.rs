@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::answer::{Answer, Outcome};
 use super::events::*;
-use super::subscriber;
+use super::log::AnswerLog;
 use super::{StreamHandle, dify_user};
 use crate::app::{App, Dify};
 use crate::chat::db::{self as chat_db, FinalAnswer};
@@ -42,19 +42,20 @@ pub struct Turn {
     pub request: ChatRequest,
 }
 
-/// Sends events to the subscriber, stamping `messageId` and `seq`: the one place that numbers
-/// events. A subscriber that left is ignored; the answer goes on.
+/// Appends events to the answer's log, which its subscribers read, stamping `messageId` and
+/// `seq`: the one place that numbers events. Subscribers that left are no concern of the relay;
+/// the answer goes on.
 pub struct Emitter {
-    tx: subscriber::Sender,
+    log: Arc<AnswerLog>,
     message_id: async_graphql::ID,
     seq: i32,
     metrics: Arc<Metrics>,
 }
 
 impl Emitter {
-    pub fn new(tx: subscriber::Sender, id: MessageId, metrics: Arc<Metrics>) -> Self {
+    pub fn new(log: Arc<AnswerLog>, id: MessageId, metrics: Arc<Metrics>) -> Self {
         Self {
-            tx,
+            log,
             message_id: id.into(),
             seq: 0,
             metrics,
@@ -68,7 +69,12 @@ impl Emitter {
             self.metrics.deltas_relayed.inc();
         }
         self.metrics.events_relayed.inc();
-        self.tx.send(event);
+        self.log.append(event);
+    }
+
+    /// The `seq` of the last event sent.
+    pub fn seq(&self) -> i32 {
+        self.seq
     }
 }
 
@@ -126,20 +132,14 @@ struct Relay {
     stop_sent: bool,
 }
 
-pub async fn run(
-    app: App,
-    dify: Dify,
-    turn: Turn,
-    tx: subscriber::Sender,
-    handle: Arc<StreamHandle>,
-) {
+pub async fn run(app: App, dify: Dify, turn: Turn, log: Arc<AnswerLog>, handle: Arc<StreamHandle>) {
     let Turn {
         conversation,
         question,
         answer,
         request,
     } = turn;
-    let mut emitter = Emitter::new(tx, answer.id, app.metrics.clone());
+    let mut emitter = Emitter::new(log, answer.id, app.metrics.clone());
     emitter.send(ChatEvent::ChatStarted(Box::new(ChatStarted {
         message_id: answer.id.into(),
         seq: 0,
@@ -158,7 +158,8 @@ pub async fn run(
         stop_sent: false,
     };
     let outcome = relay.stream(request, &handle, &mut emitter).await;
-    let terminal = Box::pin(relay.finish(outcome)).await;
+    // The terminal event's seq is stored with the answer, for resumes after the log is gone.
+    let terminal = Box::pin(relay.finish(outcome, emitter.seq() + 1)).await;
     emitter.send(terminal);
 }
 
@@ -193,7 +194,7 @@ impl Relay {
                     self.send_stop();
                 }
                 () = &mut deadline, if self.phase.until().is_some() => break,
-                _ = hand_off.tick() => self.hand_off(),
+                _ = hand_off.tick() => self.hand_off(emitter.seq()),
                 item = stream.next() => {
                     let read = Instant::now();
                     if std::mem::take(&mut first_event) {
@@ -254,12 +255,12 @@ impl Relay {
         step.terminal
     }
 
-    /// Gives the writer the content so far, when it changed.
-    fn hand_off(&mut self) {
+    /// Gives the writer the content so far (covering the events up to `seq`), when it changed.
+    fn hand_off(&mut self, seq: i32) {
         if std::mem::take(&mut self.dirty) {
             self.app
                 .writer
-                .partial(self.message_id, self.answer.content.clone());
+                .partial(self.message_id, self.answer.content.clone(), seq);
         }
     }
 
@@ -327,7 +328,7 @@ impl Relay {
     }
 
     /// Writes the answer and returns the terminal event describing what was stored.
-    async fn finish(mut self, outcome: Outcome) -> ChatEvent {
+    async fn finish(mut self, outcome: Outcome, last_seq: i32) -> ChatEvent {
         self.answer.settle();
         self.app
             .writer
@@ -341,6 +342,7 @@ impl Relay {
         let ids = &self.answer.ids;
         let final_answer = FinalAnswer {
             content: &self.answer.content,
+            last_seq,
             status: outcome.status(),
             error: outcome.error().and_then(|e| serde_json::to_string(e).ok()),
             usage: self.answer.usage.as_ref().map(|v| v.to_string()),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use diesel::mysql::Mysql;
-use diesel::sql_types::{Binary, Nullable, Text};
+use diesel::sql_types::{Binary, Integer, Nullable, Text};
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use tokio::time::Instant;
 
@@ -44,7 +44,8 @@ struct DifyIds {
 
 #[derive(Debug, Default)]
 struct Pending {
-    content: HashMap<MessageId, String>,
+    /// Each answer's content so far, and the `seq` of the last event it covers.
+    content: HashMap<MessageId, (String, i32)>,
     ids: HashMap<MessageId, DifyIds>,
     conversations: HashMap<ConversationId, String>,
     /// When the oldest change in here was handed over.
@@ -57,7 +58,10 @@ impl Pending {
     }
 
     fn content_bytes(&self) -> usize {
-        self.content.values().map(String::len).sum()
+        self.content
+            .values()
+            .map(|(content, _)| content.len())
+            .sum()
     }
 
     fn rows(&self) -> usize {
@@ -109,11 +113,12 @@ impl Writer {
         self.0.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands over the answer's content so far; replaces any earlier content not yet written.
-    pub fn partial(&self, id: MessageId, content: String) {
+    /// Hands over the answer's content so far, covering its events up to `seq`; replaces any
+    /// earlier content not yet written.
+    pub fn partial(&self, id: MessageId, content: String, seq: i32) {
         let mut pending = self.pending();
         pending.since.get_or_insert_with(Instant::now);
-        pending.content.insert(id, content);
+        pending.content.insert(id, (content, seq));
     }
 
     /// Hands over Dify's ids for an answer and, for modes with conversations, the Dify
@@ -304,18 +309,22 @@ fn placeholders(n: usize) -> String {
 async fn write(conn: &mut AsyncMysqlConnection, batch: &Pending) -> diesel::QueryResult<u64> {
     let mut statements = 0;
     let at = now();
-    for chunk in chunks(&batch.content, |(_, content)| content.len()) {
+    for chunk in chunks(&batch.content, |(_, (content, _))| content.len()) {
+        let case = || " WHEN ? THEN ?".repeat(chunk.len());
         let sql = format!(
-            "UPDATE messages SET content = CASE id {} END, updated_at = ? \
-             WHERE status = 'STREAMING' AND id IN ({})",
-            " WHEN ? THEN ?".repeat(chunk.len()),
+            "UPDATE messages SET content = CASE id {0} END, last_seq = CASE id {0} END, \
+             updated_at = ? WHERE status = 'STREAMING' AND id IN ({1})",
+            case(),
             placeholders(chunk.len())
         );
         let mut query = diesel::sql_query(sql).into_boxed::<Mysql>();
-        for (id, content) in &chunk {
+        for (id, (content, _)) in &chunk {
             query = query
                 .bind::<Binary, _>(**id)
                 .bind::<Text, _>(content.as_str());
+        }
+        for (id, (_, seq)) in &chunk {
+            query = query.bind::<Binary, _>(**id).bind::<Integer, _>(*seq);
         }
         query = query.bind::<diesel::sql_types::Datetime, _>(at);
         for (id, _) in &chunk {
@@ -411,13 +420,13 @@ mod tests {
     fn a_failed_batch_never_overwrites_newer_content() {
         let id = MessageId::new();
         let mut pending = Pending::default();
-        pending.content.insert(id, "newer".into());
+        pending.content.insert(id, ("newer".into(), 3));
         let mut failed = Pending::default();
-        failed.content.insert(id, "older".into());
+        failed.content.insert(id, ("older".into(), 2));
         let other = MessageId::new();
-        failed.content.insert(other, "kept".into());
+        failed.content.insert(other, ("kept".into(), 5));
         pending.restore(failed);
-        assert_eq!(pending.content[&id], "newer");
-        assert_eq!(pending.content[&other], "kept");
+        assert_eq!(pending.content[&id], ("newer".into(), 3));
+        assert_eq!(pending.content[&other], ("kept".into(), 5));
     }
 }

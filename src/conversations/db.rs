@@ -48,6 +48,12 @@ pub struct MessageRecord {
     pub stop_requested: bool,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    /// The seq of the last event the row covers (see the migration); `None` before any write
+    /// of a live answer, and on rows older than resumable streams.
+    pub last_seq: Option<i32>,
+    /// User messages: the idempotency key the turn was sent with, unique per `client_owner_id`.
+    pub client_message_id: Option<String>,
+    pub client_owner_id: Option<UserId>,
 }
 
 impl MessageRecord {
@@ -76,6 +82,9 @@ impl MessageRecord {
             stop_requested: false,
             created_at: at,
             updated_at: at,
+            last_seq: None,
+            client_message_id: None,
+            client_owner_id: None,
         }
     }
 }

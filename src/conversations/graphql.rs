@@ -225,6 +225,8 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
     /// When the message last changed.
     pub updated_at: DateTime<Utc>,
+    /// User messages: the idempotency key the turn was sent with (`ChatInput.clientMessageId`).
+    pub client_message_id: Option<String>,
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T> {
@@ -299,6 +301,7 @@ impl From<MessageRecord> for Message {
             feedback: m.feedback,
             created_at: utc(m.created_at),
             updated_at: utc(m.updated_at),
+            client_message_id: m.client_message_id,
             content: m.content,
         }
     }

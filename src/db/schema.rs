@@ -93,6 +93,9 @@ diesel::table! {
         updated_at -> Datetime,
         tokens -> Bigint,
         tokens_settled -> Bool,
+        last_seq -> Nullable<Integer>,
+        client_message_id -> Nullable<Varchar>,
+        client_owner_id -> Nullable<Binary>,
     }
 }
 

@@ -39,15 +39,21 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     let mut answers = Vec::new();
     let mut conn = app.app.db.get().await.unwrap();
     for i in 0..600 {
-        let (conversation, _, answer) =
-            begin_turn(&mut conn, starter, None, &format!("question {i}"), |_| {
+        let (conversation, _, answer) = begin_turn(
+            &mut conn,
+            starter,
+            None,
+            &format!("question {i}"),
+            None,
+            |_| {
                 Ok(Chosen {
                     app: default_app,
                     question_files: None,
                 })
-            })
-            .await
-            .unwrap();
+            },
+        )
+        .await
+        .unwrap();
         answers.push((conversation.id, answer.id));
     }
     drop(conn);
@@ -56,8 +62,8 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     let statements = || app.app.metrics.writer_statements.get();
     let before = statements();
     for (i, (conversation, answer)) in answers.iter().enumerate() {
-        writer.partial(*answer, format!("old {i}"));
-        writer.partial(*answer, format!("partial {i}")); // the newer content replaces the older
+        writer.partial(*answer, format!("old {i}"), 2);
+        writer.partial(*answer, format!("partial {i}"), 3); // the newer content replaces the older
         let ids = Ids {
             conversation_id: Some(format!("dify-conversation-{i}")),
             message_id: Some(format!("dify-message-{i}")),
@@ -70,7 +76,7 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     // 600 rows per table in chunks of 500: two statements for each of the three kinds of row.
     assert_eq!(statements() - before, 6);
     assert_eq!(
-        first(&app, "SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE content LIKE 'partial %' AND dify_task_id LIKE 'dify-task-%'").await,
+        first(&app, "SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE content LIKE 'partial %' AND last_seq = 3 AND dify_task_id LIKE 'dify-task-%'").await,
         "600"
     );
     assert_eq!(
@@ -99,7 +105,7 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
         ended.0.simple()
     ))
     .await;
-    writer.partial(ended, "late".into());
+    writer.partial(ended, "late".into(), 9);
     writer.flush().await.unwrap();
     assert_eq!(
         first(
