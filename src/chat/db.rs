@@ -54,6 +54,19 @@ impl From<diesel::result::Error> for BeginError {
     }
 }
 
+/// The account (active, token version, quota set, quota, tokens used this period), the
+/// conversation if it is the owner's, and an earlier turn of the owner with the same
+/// `clientMessageId` (its user message, conversation and query).
+type TurnCheck = (
+    bool,
+    i32,
+    Option<i64>,
+    bool,
+    Option<i64>,
+    Option<ConversationRecord>,
+    Option<(MessageId, ConversationId, String)>,
+);
+
 /// Who starts a turn: the account, the token version of its session, and the token quota that
 /// applies when an admin set none (`DEFAULT_TOKEN_QUOTA`).
 #[derive(Debug, Clone, Copy)]
@@ -96,15 +109,7 @@ pub async fn begin_turn(
         )
         .bind::<Date, _>(period)
         .sql(")");
-        let (active, version, quota, quota_set, used, found, earlier): (
-            bool,
-            i32,
-            Option<i64>,
-            bool,
-            Option<i64>,
-            Option<ConversationRecord>,
-            Option<(MessageId, ConversationId, String)>,
-        ) = users::table
+        let (active, version, quota, quota_set, used, found, earlier): TurnCheck = users::table
             .left_join(
                 conversations::table.on(conversations::user_id
                     .eq(users::id)

@@ -229,7 +229,12 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
             let error = match began {
                 Ok(turn) => {
                     let (dify, dify_files, inputs) = chosen.expect("a turn that began has its app");
-                    return Ok(Began::Turn(dify, dify_files, inputs, turn));
+                    return Ok(Began::Turn(Box::new(NewTurn {
+                        dify,
+                        dify_files,
+                        inputs,
+                        saved: turn,
+                    })));
                 }
                 Err(BeginError::Replay { answer, same_query }) => {
                     return Ok(Began::Replay { answer, same_query });
@@ -263,7 +268,15 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         .await
         .map_err(|_| AppError::Unavailable)??;
     let (dify, dify_files, inputs, (conversation, question, answer)) = match began {
-        Began::Turn(dify, dify_files, inputs, turn) => (dify, dify_files, inputs, turn),
+        Began::Turn(turn) => {
+            let NewTurn {
+                dify,
+                dify_files,
+                inputs,
+                saved,
+            } = *turn;
+            (dify, dify_files, inputs, saved)
+        }
         Began::Replay { answer, same_query } => {
             drop(slot);
             return replay(&app, viewer.id, answer, same_query).await;
@@ -314,20 +327,21 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
 /// What a turn's transaction came to: a new turn, or an earlier one sent with the same
 /// `clientMessageId`.
 enum Began {
-    Turn(
-        Dify,
-        Vec<Value>,
-        serde_json::Map<String, Value>,
-        (
-            conversations_db::ConversationRecord,
-            conversations_db::MessageRecord,
-            conversations_db::MessageRecord,
-        ),
+    Turn(Box<NewTurn>),
+    Replay { answer: MessageId, same_query: bool },
+}
+
+/// A turn saved: its app, the files and inputs for Dify, and the conversation, question and
+/// answer.
+struct NewTurn {
+    dify: Dify,
+    dify_files: Vec<Value>,
+    inputs: serde_json::Map<String, Value>,
+    saved: (
+        conversations_db::ConversationRecord,
+        conversations_db::MessageRecord,
+        conversations_db::MessageRecord,
     ),
-    Replay {
-        answer: MessageId,
-        same_query: bool,
-    },
 }
 
 const CLIENT_MESSAGE_ID_REUSED: AppError =
