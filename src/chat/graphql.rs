@@ -68,10 +68,10 @@ impl ChatSubscription {
     /// Re-attaches to one of your answers, after a reload or a dropped socket: every event with
     /// `seq > afterSeq` exactly as first sent, then the live ones, then the terminal event, and
     /// the subscription completes. Where some of the missed events are no longer kept
-    /// (`RESUME_BUFFER_BYTES`, or the answer ended over a minute ago) the first event is a
-    /// `ChatSnapshot` of the answer up to its `seq`. On an answer that ended: a `ChatSnapshot`
-    /// (unless `afterSeq` is past it) and the original terminal event. `NOT_FOUND` for someone
-    /// else's message.
+    /// (`RESUME_BUFFER_BYTES`) the first event is a `ChatSnapshot` of the answer up to its
+    /// `seq`. On an answer that ended: a `ChatSnapshot` of the answer as stored (unless
+    /// `afterSeq` is past it) and the original terminal event. `NOT_FOUND` for someone else's
+    /// message.
     async fn resume_chat(
         &self,
         ctx: &Context<'_>,

@@ -37,8 +37,8 @@ pub struct StreamHandle {
 }
 
 /// The answers this process is streaming, so a stop reaches them at once, how many each user
-/// has, and their event logs (kept for a grace period after they end) for subscribers that
-/// resume. Stops from other processes go through Dify (with the stored task id) and the
+/// has, and their event logs for subscribers that resume (after an answer ends, its terminal
+/// event for a grace period). Stops from other processes go through Dify (with the stored task id) and the
 /// `stop_requested` column.
 #[derive(Default, Clone)]
 pub struct Streams(Arc<Mutex<Registry>>);
@@ -47,9 +47,28 @@ pub struct Streams(Arc<Mutex<Registry>>);
 struct Registry {
     handles: HashMap<MessageId, Arc<StreamHandle>>,
     per_owner: HashMap<UserId, u32>,
-    logs: HashMap<MessageId, Arc<AnswerLog>>,
+    kept: HashMap<MessageId, Kept>,
     /// Live answers by their turn's `clientMessageId`, with the turn's query.
     clients: HashMap<(UserId, String), (MessageId, String)>,
+}
+
+/// An answer as [`Streams::kept`] has it.
+#[derive(Clone)]
+pub enum Kept {
+    Live(Arc<AnswerLog>),
+    Ended {
+        owner: UserId,
+        terminal: Arc<events::ChatEvent>,
+    },
+}
+
+impl Kept {
+    pub fn owner(&self) -> UserId {
+        match self {
+            Self::Live(log) => log.owner(),
+            Self::Ended { owner, .. } => *owner,
+        }
+    }
 }
 
 /// A live answer's turn as the registry knows it.
@@ -112,14 +131,15 @@ impl Streams {
         });
         let mut registry = self.lock();
         registry.handles.insert(turn.id, handle.clone());
-        registry.logs.insert(turn.id, turn.log);
+        registry.kept.insert(turn.id, Kept::Live(turn.log));
         if let Some((key, query)) = turn.client {
             registry.clients.insert((slot.owner, key), (turn.id, query));
         }
         handle
     }
 
-    /// The answer ended: its log stays for `grace`, for subscribers that resume.
+    /// The answer ended: its terminal event stays for `grace`, for subscribers that resume.
+    /// (Subscribers reading its log keep the log until they reach the end.)
     pub fn remove(&self, id: MessageId, grace: Duration) {
         let mut registry = self.lock();
         if let Some(handle) = registry.handles.remove(&id) {
@@ -128,17 +148,29 @@ impl Streams {
                 registry.clients.remove(&(handle.owner, key));
             }
         }
+        let ended = match registry.kept.remove(&id) {
+            Some(Kept::Live(log)) => log.terminal().map(|terminal| Kept::Ended {
+                owner: log.owner(),
+                terminal,
+            }),
+            other => other,
+        };
+        let Some(ended) = ended else {
+            return;
+        };
+        registry.kept.insert(id, ended);
         drop(registry);
         let streams = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            streams.lock().logs.remove(&id);
+            streams.lock().kept.remove(&id);
         });
     }
 
-    /// The events of an answer streaming here, or ended here less than the grace period ago.
-    pub fn log(&self, id: MessageId) -> Option<Arc<AnswerLog>> {
-        self.lock().logs.get(&id).cloned()
+    /// What this process has of an answer: its log while it streams here, its terminal event
+    /// for a grace period after it ended here.
+    pub fn kept(&self, id: MessageId) -> Option<Kept> {
+        self.lock().kept.get(&id).cloned()
     }
 
     /// The live answer of `owner`'s turn sent with `client_message_id`, and whether that turn

@@ -1,9 +1,10 @@
-//! `resumeChat`: re-attach to an answer from a given `seq`. An answer streaming here, or ended
-//! here less than the grace period ago, is read from its event log (exact replay). Otherwise the
-//! stored row answers: for an ended answer a `ChatSnapshot` and the terminal event, numbered from
-//! the row's `last_seq`; for an answer streaming in another gateway process, a `ChatSnapshot`
-//! each time its stored content moves on, then the terminal event once it ends (and the log, if
-//! the answer turns out to stream here after all).
+//! `resumeChat`: re-attach to an answer from a given `seq`. An answer streaming here is read
+//! from its event log: the events as first sent. An answer that ended resumes as a
+//! `ChatSnapshot` of the answer as stored and its terminal event: kept in memory for a grace
+//! period after it ended here, else read from its row and numbered from its `last_seq`. An
+//! answer streaming in another gateway process is followed through its row: a `ChatSnapshot`
+//! each time its stored content moves on, then the terminal event once it ends (or its log, if
+//! it turns out to stream here after all).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 
+use super::Kept;
 use super::events::{ChatCompleted, ChatEvent, ChatFailed, ChatSnapshot};
 use super::log::ChatStream;
 use crate::app::App;
@@ -26,25 +28,22 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// The events of `owner`'s answer `id` with `seq > after`; `NOT_FOUND` for anyone else's.
 pub async fn resume(app: &App, owner: UserId, id: MessageId, after: i32) -> AppResult<ChatStream> {
-    if let Some(log) = app.streams.log(id) {
-        if log.owner() != owner {
-            return Err(AppError::NotFound("message"));
+    match app.streams.kept(id) {
+        Some(kept) if kept.owner() != owner => return Err(AppError::NotFound("message")),
+        Some(Kept::Live(log)) => return Ok(log.subscribe(after)),
+        Some(Kept::Ended { terminal, .. }) => {
+            let events = after_end(terminal, after);
+            return Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed());
         }
-        return Ok(log.subscribe(after));
+        None => {}
     }
-    let read = app.db.run(STATEMENT_TIMEOUT, async |conn| {
-        conversations_db::find_message_owned(conn, id, owner).await
-    });
+    let read = async {
+        let mut conn = app.db.get().await?;
+        Ok::<_, AppError>(conversations_db::find_message_owned(&mut conn, id, owner).await?)
+    };
     let record = tokio::time::timeout(app.config.operation_timeout, read)
         .await
-        .map_err(|_| AppError::Unavailable)?
-        .map_err(|error| {
-            tracing::warn!(
-                error = format!("{error:#}"),
-                "reading an answer to resume failed"
-            );
-            AppError::Unavailable
-        })?
+        .map_err(|_| AppError::Unavailable)??
         .map(|(record, _)| record)
         .filter(|record| record.role == MessageRole::Assistant)
         .ok_or(AppError::NotFound("message"))?;
@@ -71,7 +70,7 @@ struct Follow {
     id: MessageId,
     /// The `seq` of the last event sent (or skipped, being at or below `after`).
     sent: i32,
-    queue: VecDeque<ChatEvent>,
+    queue: VecDeque<Arc<ChatEvent>>,
     ended: bool,
 }
 
@@ -87,13 +86,13 @@ async fn next(source: Option<Source>) -> Option<(Item, Option<Source>)> {
     };
     loop {
         if let Some(event) = follow.queue.pop_front() {
-            return Some((Ok(Arc::new(event)), Some(Source::Stored(follow))));
+            return Some((Ok(event), Some(Source::Stored(follow))));
         }
         if follow.ended {
             return None;
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
-        if let Some(log) = follow.app.streams.log(follow.id) {
+        if let Some(Kept::Live(log)) = follow.app.streams.kept(follow.id) {
             let mut events = log.subscribe(follow.sent);
             let event = events.next().await?;
             return Some((event, Some(Source::Log(events))));
@@ -126,30 +125,39 @@ impl Follow {
         if record.status == MessageStatus::Streaming {
             let covered = record.last_seq.unwrap_or(0);
             if covered > self.sent {
-                self.queue.push_back(snapshot(record.into(), covered));
+                self.queue
+                    .push_back(Arc::new(snapshot(record.into(), covered)));
                 self.sent = covered;
             }
             return;
         }
         self.ended = true;
-        self.queue.extend(ended_events(record, self.sent));
+        self.queue
+            .extend(after_end(stored_terminal(record), self.sent));
     }
 }
 
-/// The events of an ended answer after `after`: a snapshot of everything before the terminal
-/// event (when the subscriber misses some of it), then the terminal event.
-pub fn ended_events(record: MessageRecord, after: i32) -> Vec<ChatEvent> {
-    // Rows stored before resumable streams have no `last_seq`: their terminal event counts as 1.
-    let terminal_seq = record.last_seq.unwrap_or(1).max(1);
-    let message = Message::from(record);
+/// What a subscriber that has the events up to `after` misses of an ended answer: a snapshot of
+/// everything before the terminal event (unless it has all of that), then the terminal event.
+fn after_end(terminal: Arc<ChatEvent>, after: i32) -> Vec<Arc<ChatEvent>> {
+    let seq = terminal.seq_number();
     let mut events = Vec::new();
-    if after < terminal_seq - 1 {
-        events.push(snapshot(message.clone(), terminal_seq - 1));
+    if after < seq - 1
+        && let Some(message) = terminal.final_message()
+    {
+        events.push(Arc::new(snapshot(message.clone(), seq - 1)));
     }
-    if after < terminal_seq {
-        events.push(terminal(message, terminal_seq));
+    if after < seq {
+        events.push(terminal);
     }
     events
+}
+
+/// The terminal event of an ended answer, from its row.
+fn stored_terminal(record: MessageRecord) -> Arc<ChatEvent> {
+    // Rows stored before resumable streams have no `last_seq`: their terminal event counts as 1.
+    let seq = record.last_seq.unwrap_or(1).max(1);
+    Arc::new(terminal(Message::from(record), seq))
 }
 
 fn snapshot(message: Message, seq: i32) -> ChatEvent {
@@ -200,7 +208,11 @@ mod tests {
         record
     }
 
-    fn shape(events: &[ChatEvent]) -> Vec<(&'static str, i32)> {
+    fn ended_events(record: MessageRecord, after: i32) -> Vec<Arc<ChatEvent>> {
+        after_end(stored_terminal(record), after)
+    }
+
+    fn shape(events: &[Arc<ChatEvent>]) -> Vec<(&'static str, i32)> {
         events
             .iter()
             .map(|e| (e.type_name(), e.seq_number()))

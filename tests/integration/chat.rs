@@ -41,7 +41,7 @@ fn kinds(events: &[Value]) -> Vec<&str> {
         .collect()
 }
 
-fn answer_of(events: &[Value]) -> String {
+pub fn answer_of(events: &[Value]) -> String {
     let mut answer = String::new();
     for e in events {
         match e["__typename"].as_str() {
@@ -56,7 +56,7 @@ fn answer_of(events: &[Value]) -> String {
 
 /// Checks the invariants every answer has: ChatStarted first, one terminal event last,
 /// sequence numbers 1, 2, 3 … and one message id.
-fn check_shape(events: &[Value]) {
+pub fn check_shape(events: &[Value]) {
     assert_eq!(events[0]["__typename"], "ChatStarted", "{events:?}");
     let last = events.last().unwrap()["__typename"].as_str().unwrap();
     assert!(last == "ChatCompleted" || last == "ChatFailed", "{last}");
@@ -93,7 +93,7 @@ pub async fn stored(app: &TestApp, message_id: &str, column: &str) -> String {
     .unwrap_or_default()
 }
 
-async fn wait_for_status(app: &TestApp, message_id: &str, status: &str) {
+pub async fn wait_for_status(app: &TestApp, message_id: &str, status: &str) {
     for _ in 0..100 {
         if stored(app, message_id, "status").await == status {
             return;

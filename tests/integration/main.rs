@@ -11,6 +11,7 @@ mod files;
 mod http_surface;
 mod limits;
 mod persistence;
+mod resume;
 mod schema;
 mod sessions;
 mod startup;
