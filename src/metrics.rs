@@ -14,6 +14,12 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResumeLabels {
+    /// `live` (from the answer's log), `ended` (kept after it ended here) or `stored` (its row).
+    pub from: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Answers being relayed by this process.
@@ -35,6 +41,8 @@ pub struct Metrics {
     pub pool_wait_seconds: Histogram,
     /// Answers ended, by outcome.
     pub outcomes: Family<OutcomeLabels, Counter>,
+    /// Subscriptions that resumed an answer (`resumeChat`, idempotent retries), by source.
+    pub resumes: Family<ResumeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -53,6 +61,7 @@ impl Default for Metrics {
             writer_lag_seconds: seconds(),
             pool_wait_seconds: seconds(),
             outcomes: Family::default(),
+            resumes: Family::default(),
             registry: Registry::with_prefix("rechat"),
         };
         let registry = &mut metrics.registry;
@@ -111,6 +120,11 @@ impl Default for Metrics {
             "Answers ended, by outcome",
             metrics.outcomes.clone(),
         );
+        registry.register(
+            "resumes",
+            "Subscriptions that resumed an answer, by where its events came from",
+            metrics.resumes.clone(),
+        );
         metrics
     }
 }
@@ -122,6 +136,10 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    pub fn resumed(&self, from: &'static str) {
+        self.resumes.get_or_create(&ResumeLabels { from }).inc();
     }
 
     pub fn outcome(&self, label: &str) {

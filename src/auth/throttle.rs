@@ -105,6 +105,15 @@ impl<K: Hash + Eq + Clone> Window<K> {
         Ok(())
     }
 
+    /// Uncounts one attempt of `key` in its current window (one that turned out to be a
+    /// retry of an earlier one).
+    pub fn give_back(&self, key: &K) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((count, _)) = counts.get_mut(key) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
     /// Forgets `key`'s attempts (a successful sign-in).
     pub fn reset(&self, key: &K) {
         self.counts
@@ -155,6 +164,9 @@ mod tests {
         for _ in 0..3 {
             window.take(&"a", 3).unwrap();
         }
+        window.give_back(&"a");
+        window.take(&"a", 3).expect("an attempt given back");
+        assert!(window.take(&"a", 3).is_err());
     }
 
     #[tokio::test(start_paused = true)]

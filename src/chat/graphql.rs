@@ -278,7 +278,9 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
             (dify, dify_files, inputs, saved)
         }
         Began::Replay { answer, same_query } => {
+            // A retry, not a turn.
             drop(slot);
+            app.throttles.turns.give_back(&viewer.id);
             return replay(&app, viewer.id, answer, same_query).await;
         }
     };

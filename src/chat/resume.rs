@@ -30,8 +30,12 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 pub async fn resume(app: &App, owner: UserId, id: MessageId, after: i32) -> AppResult<ChatStream> {
     match app.streams.kept(id) {
         Some(kept) if kept.owner() != owner => return Err(AppError::NotFound("message")),
-        Some(Kept::Live(log)) => return Ok(log.subscribe(after)),
+        Some(Kept::Live(log)) => {
+            app.metrics.resumed("live");
+            return Ok(log.subscribe(after));
+        }
         Some(Kept::Ended { terminal, .. }) => {
+            app.metrics.resumed("ended");
             let events = after_end(terminal, after);
             return Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed());
         }
@@ -47,6 +51,7 @@ pub async fn resume(app: &App, owner: UserId, id: MessageId, after: i32) -> AppR
         .map(|(record, _)| record)
         .filter(|record| record.role == MessageRole::Assistant)
         .ok_or(AppError::NotFound("message"))?;
+    app.metrics.resumed("stored");
     let mut follow = Follow {
         app: app.clone(),
         id,

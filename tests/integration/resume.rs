@@ -270,7 +270,8 @@ async fn only_the_owner_resumes_an_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_send_retried_with_its_client_message_id_starts_one_turn() {
-    let app = spawn(|_| {}).await;
+    // Retries are not turns: only the first send and `next` below count.
+    let app = spawn(|c| c.chat_turns_per_minute = 2).await;
     let user = user(&app).await;
     app.dify.push(Script::Long {
         deltas: 60,
@@ -320,6 +321,13 @@ async fn a_send_retried_with_its_client_message_id_starts_one_turn() {
         1,
         "one Dify request"
     );
+    let next = json!({ "query": "next", "clientMessageId": "send-2" });
+    check_shape(&crate::chat::chat(&user, TRANSPORT_WS, next).await);
+    let mut over = user.ws(TRANSPORT_WS).await;
+    over.subscribe(CHAT, json!({ "input": { "query": "third" } }))
+        .await;
+    let errors = over.collect().await.expect_err("over the limit");
+    assert_eq!(error_code(&errors), "RATE_LIMITED", "the limit holds");
 
     for bad in ["", "has space", &"x".repeat(65), "ünïcode"] {
         let mut ws = user.ws(TRANSPORT_WS).await;
