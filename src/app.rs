@@ -14,6 +14,7 @@ use crate::auth::token::Keys;
 use crate::chat::writer::Writer;
 use crate::config::Config;
 use crate::db::{self, Db};
+use crate::gateways::GatewayId;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -43,12 +44,16 @@ pub struct Inner {
     pub streams: crate::chat::Streams,
     /// Accounts changed, for open sockets.
     pub account_events: crate::auth::sessions::AccountEvents,
+    /// This process, as the answers it relays name it (see `gateways`).
+    pub gateway: GatewayId,
     writer_task: tokio::task::JoinHandle<()>,
+    lease_task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.writer_task.abort();
+        self.lease_task.abort();
     }
 }
 
@@ -104,6 +109,15 @@ impl App {
             }
         };
         let keys = Keys::new(secret.as_bytes(), config.jwt_expire);
+        // The lease exists before the first answer names this gateway.
+        let gateway = GatewayId::new();
+        let mut conn = writer_db.get().await.context("connecting to MySQL")?;
+        crate::gateways::renew(&mut conn, gateway)
+            .await
+            .context("taking the gateway's lease")?;
+        drop(conn);
+        let lease_task =
+            crate::gateways::spawn_lease(writer_db.clone(), gateway, config.gateway_lease);
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         let app = Self(Arc::new(Inner {
             keys,
@@ -120,6 +134,8 @@ impl App {
             accounts: Default::default(),
             streams,
             writer_task,
+            gateway,
+            lease_task,
             throttles: Default::default(),
             account_events: Default::default(),
             config,

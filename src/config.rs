@@ -49,6 +49,9 @@ pub struct Config {
     pub flush_interval: Duration,
     /// A STREAMING message whose last flush is older than this belongs to a dead process.
     pub stale_stream_after: Duration,
+    /// `GATEWAY_LEASE_SECONDS`: how long a gateway process's lease lasts without renewal; when it
+    /// expires, other gateways mark its live answers INTERRUPTED.
+    pub gateway_lease: Duration,
     /// Longest silence tolerated on a Dify stream; longer than Dify's 10 s ping interval.
     pub dify_read_timeout: Duration,
     /// A WebSocket that sends no `connection_init` within this time is closed (4408).
@@ -272,6 +275,7 @@ impl Config {
             writer_pool_size: 8,
             flush_interval: Duration::from_secs(1),
             stale_stream_after: Duration::from_secs(120),
+            gateway_lease: Duration::from_secs(limit("GATEWAY_LEASE_SECONDS", 20)?),
             dify_read_timeout: Duration::from_secs(60),
             ws_init_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(15),
@@ -300,6 +304,7 @@ impl Config {
             writer_pool_size: 2,
             flush_interval: Duration::from_millis(200),
             stale_stream_after: Duration::from_secs(120),
+            gateway_lease: Duration::from_secs(20),
             dify_read_timeout: Duration::from_secs(3),
             ws_init_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(2),

@@ -12,6 +12,7 @@ pub mod db;
 pub mod dify;
 pub mod error;
 pub mod files;
+pub mod gateways;
 pub mod graphiql;
 pub mod graphql;
 pub mod http;

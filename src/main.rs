@@ -116,6 +116,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     drain(&app).await;
+    if app.streams.is_empty() {
+        // Nothing of ours is live: no sweeper needs to wait for the lease to expire.
+        let released = app
+            .writer_db
+            .run(rechat::db::STATEMENT_TIMEOUT, async |conn| {
+                rechat::gateways::release(conn, app.gateway).await
+            })
+            .await;
+        if let Err(error) = released {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "releasing the gateway's lease failed"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -68,12 +68,13 @@ type TurnCheck = (
 );
 
 /// Who starts a turn: the account, the token version of its session, and the token quota that
-/// applies when an admin set none (`DEFAULT_TOKEN_QUOTA`).
+/// applies when an admin set none (`DEFAULT_TOKEN_QUOTA`); and the gateway that will relay it.
 #[derive(Debug, Clone, Copy)]
 pub struct Starter {
     pub owner: UserId,
     pub token_version: i32,
     pub default_quota: Option<u64>,
+    pub gateway: crate::gateways::GatewayId,
 }
 
 /// What a turn's `choose` decided: the app, and the user message's attachments (JSON).
@@ -100,6 +101,7 @@ pub async fn begin_turn(
         owner,
         token_version,
         default_quota,
+        gateway,
     } = starter;
     let period = quota::period_start(now());
     conn.transaction(async |conn| {
@@ -205,12 +207,13 @@ pub async fn begin_turn(
             question.client_message_id = Some(key.to_owned());
             question.client_owner_id = Some(owner);
         }
-        let answer = MessageRecord::new(
+        let mut answer = MessageRecord::new(
             conversation.id,
             MessageRole::Assistant,
             String::new(),
             MessageStatus::Streaming,
         );
+        answer.gateway_id = Some(gateway);
         conversations_db::insert_messages(conn, &[question.clone(), answer.clone()]).await?;
         Ok((conversation, question, answer))
     })
@@ -361,6 +364,27 @@ pub async fn sweep_interrupted(
         messages::last_seq.eq(sql::<Nullable<Integer>>("COALESCE(last_seq, 0) + 1")),
         messages::updated_at.eq(now()),
     ))
+    .execute(conn)
+    .await
+}
+
+/// Answers STREAMING in a gateway whose lease is older than `lease` belong to a gateway that
+/// died: they become INTERRUPTED as in [`sweep_interrupted`], at once.
+pub async fn sweep_expired_leases(
+    conn: &mut AsyncMysqlConnection,
+    lease: std::time::Duration,
+) -> QueryResult<usize> {
+    let micros = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
+    diesel::sql_query(
+        "UPDATE messages SET status = ?, error = ?, last_seq = COALESCE(last_seq, 0) + 1, \
+         updated_at = ? WHERE status = ? AND gateway_id IN \
+         (SELECT id FROM gateways WHERE heartbeat_at < NOW(6) - INTERVAL ? MICROSECOND)",
+    )
+    .bind::<Varchar, _>(MessageStatus::Interrupted)
+    .bind::<diesel::sql_types::Text, _>(INTERRUPTED_ERROR)
+    .bind::<diesel::sql_types::Datetime, _>(now())
+    .bind::<Varchar, _>(MessageStatus::Streaming)
+    .bind::<BigInt, _>(micros)
     .execute(conn)
     .await
 }

@@ -189,6 +189,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         owner: viewer.id,
         token_version: viewer.token_version,
         default_quota: config.default_token_quota,
+        gateway: app.gateway,
     };
     let begin = async {
         let apps = app.apps().await?;

@@ -216,6 +216,9 @@ impl Streams {
     }
 }
 
+/// How often answers are swept for going stale (see [`spawn_sweeper`]).
+const STALE_SWEEP: Duration = Duration::from_secs(30);
+
 /// How long `stopChat` waits for a local answer to be stored as STOPPED.
 const STOP_WAIT: Duration = Duration::from_secs(8);
 
@@ -256,19 +259,33 @@ pub async fn stop_message(app: &App, dify: Option<&Dify>, user: UserId, message:
     }
 }
 
-/// Marks answers of dead processes INTERRUPTED now and then, for as long as the process runs.
+/// Marks answers of dead gateway processes INTERRUPTED, for as long as the process runs: those
+/// of gateways whose lease expired, as often as leases are renewed; and every 30 s those that
+/// name no live gateway and stopped being written (rows from before leases, a lease forgotten).
 pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(30));
+        let lease = app.config.gateway_lease;
+        let mut every = tokio::time::interval(crate::gateways::renew_every(lease));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_stale_sweep: Option<tokio::time::Instant> = None;
         loop {
             every.tick().await;
             let stale_after = app.config.stale_stream_after;
+            let stale_due = last_stale_sweep.is_none_or(|at| at.elapsed() >= STALE_SWEEP);
             let result = app
                 .writer_db
                 .run(crate::db::STATEMENT_TIMEOUT, async |conn| {
-                    db::sweep_interrupted(conn, stale_after).await
+                    let mut marked = db::sweep_expired_leases(conn, lease).await?;
+                    if stale_due {
+                        marked += db::sweep_interrupted(conn, stale_after).await?;
+                        crate::gateways::forget_old(conn).await?;
+                    }
+                    Ok(marked)
                 })
                 .await;
+            if stale_due && result.is_ok() {
+                last_stale_sweep = Some(tokio::time::Instant::now());
+            }
             match result {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(

@@ -54,6 +54,8 @@ pub struct MessageRecord {
     /// User messages: the idempotency key the turn was sent with, unique per `client_owner_id`.
     pub client_message_id: Option<String>,
     pub client_owner_id: Option<UserId>,
+    /// Assistant messages: the gateway process that relays (or relayed) the answer.
+    pub gateway_id: Option<crate::gateways::GatewayId>,
 }
 
 impl MessageRecord {
@@ -85,6 +87,7 @@ impl MessageRecord {
             last_seq: None,
             client_message_id: None,
             client_owner_id: None,
+            gateway_id: None,
         }
     }
 }

@@ -96,6 +96,15 @@ diesel::table! {
         last_seq -> Nullable<Integer>,
         client_message_id -> Nullable<Varchar>,
         client_owner_id -> Nullable<Binary>,
+        gateway_id -> Nullable<Binary>,
+    }
+}
+
+diesel::table! {
+    gateways (id) {
+        id -> Binary,
+        started_at -> Datetime,
+        heartbeat_at -> Datetime,
     }
 }
 

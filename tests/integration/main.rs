@@ -8,6 +8,7 @@ mod apps;
 mod chat;
 mod conversations;
 mod files;
+mod gateways;
 mod http_surface;
 mod limits;
 mod persistence;

@@ -35,6 +35,7 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
         owner: session.user,
         token_version: session.token_version,
         default_quota: None,
+        gateway: app.app.gateway,
     };
     let mut answers = Vec::new();
     let mut conn = app.app.db.get().await.unwrap();

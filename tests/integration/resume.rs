@@ -436,6 +436,7 @@ async fn the_unique_key_decides_between_two_turns_racing_with_one_client_message
         owner: session.user,
         token_version: session.token_version,
         default_quota: None,
+        gateway: app.app.gateway,
     };
     let choose = |_| {
         Ok(Chosen {

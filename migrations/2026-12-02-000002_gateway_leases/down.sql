@@ -1,0 +1,2 @@
+ALTER TABLE messages DROP COLUMN gateway_id;
+DROP TABLE gateways;

@@ -1,0 +1,89 @@
+//! Gateway processes on one database and their leases. Each process renews its lease (a row in
+//! `gateways`, on the database's clock) every quarter of `GATEWAY_LEASE_SECONDS`; the answers it
+//! relays name it. When a process dies (killed, its machine gone), its lease expires and any
+//! other gateway's sweeper marks its answers INTERRUPTED, with what was saved, within about one
+//! lease. Nothing is sticky: the lease only says who relays which live answer.
+
+use std::time::Duration;
+
+use diesel::sql_types::Binary;
+use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
+
+use crate::db::types::uuid_id;
+use crate::db::{Db, STATEMENT_TIMEOUT};
+
+uuid_id!(
+    /// A gateway process, for as long as it runs.
+    GatewayId,
+    "gateway"
+);
+
+/// How often a lease is renewed, and how often the sweeper looks, for a lease of `ttl`.
+pub fn renew_every(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(250))
+}
+
+/// Takes or renews `gateway`'s lease.
+pub async fn renew(conn: &mut AsyncMysqlConnection, gateway: GatewayId) -> diesel::QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO gateways (id, started_at, heartbeat_at) VALUES (?, NOW(6), NOW(6)) \
+         ON DUPLICATE KEY UPDATE heartbeat_at = NOW(6)",
+    )
+    .bind::<Binary, _>(gateway)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Gives the lease up (a clean shutdown, once its answers are stored).
+pub async fn release(
+    conn: &mut AsyncMysqlConnection,
+    gateway: GatewayId,
+) -> diesel::QueryResult<()> {
+    diesel::sql_query("DELETE FROM gateways WHERE id = ?")
+        .bind::<Binary, _>(gateway)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Forgets leases expired a day ago (their answers were swept long since).
+pub async fn forget_old(conn: &mut AsyncMysqlConnection) -> diesel::QueryResult<()> {
+    diesel::sql_query("DELETE FROM gateways WHERE heartbeat_at < NOW(6) - INTERVAL 1 DAY")
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Renews `gateway`'s lease for as long as the process runs (the first renewal is at once).
+/// Failures are logged once per outage: a lease that lapses while the database is away only
+/// lets other gateways mark this one's answers INTERRUPTED early, and each answer's final
+/// write puts its real outcome back.
+pub fn spawn_lease(db: Db, gateway: GatewayId, ttl: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(renew_every(ttl));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            every.tick().await;
+            let result = db
+                .run(STATEMENT_TIMEOUT, async |conn| renew(conn, gateway).await)
+                .await;
+            match result {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("the gateway's lease is renewed again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "renewing the gateway's lease failed"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    })
+}
