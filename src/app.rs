@@ -46,6 +46,8 @@ pub struct Inner {
     pub account_events: crate::auth::sessions::AccountEvents,
     /// This process, as the answers it relays name it (see `gateways`).
     pub gateway: GatewayId,
+    /// Redis, when several gateways share it (`REDIS_URL`).
+    pub shared: crate::shared::Shared,
     writer_task: tokio::task::JoinHandle<()>,
     lease_task: tokio::task::JoinHandle<()>,
 }
@@ -116,8 +118,22 @@ impl App {
             .await
             .context("taking the gateway's lease")?;
         drop(conn);
-        let lease_task =
-            crate::gateways::spawn_lease(writer_db.clone(), gateway, config.gateway_lease);
+        let shared = match &config.redis_url {
+            Some(url) => crate::shared::Shared::connect(
+                url.expose_secret(),
+                &config.redis_prefix,
+                gateway,
+            )
+            .context("REDIS_URL")?,
+            None => crate::shared::Shared::default(),
+        };
+        let lease_task = crate::gateways::spawn_lease(
+            writer_db.clone(),
+            shared.clone(),
+            gateway,
+            config.gateway_lease,
+        );
+        let throttles = crate::auth::throttle::Throttles::new(&shared, secret.as_bytes());
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         let app = Self(Arc::new(Inner {
             keys,
@@ -135,12 +151,14 @@ impl App {
             streams,
             writer_task,
             gateway,
+            shared,
             lease_task,
-            throttles: Default::default(),
+            throttles,
             account_events: Default::default(),
             config,
         }));
         crate::auth::sessions::spawn_watch(&app);
+        crate::shared::listen(&app);
         Ok(app)
     }
 

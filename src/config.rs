@@ -77,6 +77,11 @@ pub struct Config {
     /// `TRUST_FORWARDED_FOR`: take the client address from the last `X-Forwarded-For` entry
     /// (set it only behind a reverse proxy that appends it).
     pub trust_forwarded_for: bool,
+    /// `REDIS_URL`: Redis shared by several gateways (limits, stops, admin changes); none for
+    /// one gateway on its own.
+    pub redis_url: Option<SecretString>,
+    /// `REDIS_PREFIX`: the prefix of every Redis key and channel of this deployment.
+    pub redis_prefix: String,
     /// `CHAT_TURNS_PER_MINUTE`: chat turns per user per minute.
     pub chat_turns_per_minute: u32,
     /// `MAX_ACTIVE_ANSWERS_PER_USER`: answers one user may have streaming at once.
@@ -220,6 +225,27 @@ impl Config {
             Ok(value)
         };
         let as_u32 = |value: u64| u32::try_from(value).unwrap_or(u32::MAX);
+        let redis_url = match get("REDIS_URL").filter(|url| !url.trim().is_empty()) {
+            None => None,
+            Some(url) if redis::Client::open(url.trim()).is_ok() => {
+                Some(SecretString::from(url.trim().to_owned()))
+            }
+            Some(_) => {
+                return Err(ConfigError {
+                    variable: "REDIS_URL",
+                    expected: "a Redis URL such as redis://127.0.0.1:6379/0".into(),
+                });
+            }
+        };
+        let redis_prefix = get("REDIS_PREFIX")
+            .map(|prefix| prefix.trim().to_owned())
+            .unwrap_or_else(|| "rechat".into());
+        if redis_prefix.is_empty() || redis_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError {
+                variable: "REDIS_PREFIX",
+                expected: "a non-empty prefix without spaces".into(),
+            });
+        }
         let trust_forwarded_for = match get("TRUST_FORWARDED_FOR")
             .as_deref()
             .map(str::to_ascii_lowercase)
@@ -254,6 +280,8 @@ impl Config {
                 30,
             )?),
             trust_forwarded_for,
+            redis_url,
+            redis_prefix,
             chat_turns_per_minute: as_u32(limit("CHAT_TURNS_PER_MINUTE", 20)?),
             max_active_answers_per_user: as_u32(limit("MAX_ACTIVE_ANSWERS_PER_USER", 3)?),
             max_subscriptions_per_connection: limit("MAX_SUBSCRIPTIONS_PER_CONNECTION", 8)?
@@ -315,6 +343,8 @@ impl Config {
             resume_grace: RESUME_GRACE,
             auth_attempts_per_minute_per_address: 30,
             trust_forwarded_for: false,
+            redis_url: None,
+            redis_prefix: "rechat".into(),
             chat_turns_per_minute: 20,
             max_active_answers_per_user: 3,
             max_subscriptions_per_connection: 8,
@@ -454,6 +484,8 @@ mod tests {
             ("RESUME_BUFFER_BYTES", "lots"),
             ("AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS", "0"),
             ("TRUST_FORWARDED_FOR", "maybe"),
+            ("REDIS_URL", "http://127.0.0.1:6379"),
+            ("REDIS_PREFIX", "two words"),
             ("CHAT_TURNS_PER_MINUTE", "-1"),
             ("MAX_ACTIVE_ANSWERS_PER_USER", "0"),
             ("MAX_SUBSCRIPTIONS_PER_CONNECTION", "x"),

@@ -9,8 +9,10 @@ use std::time::Duration;
 use diesel::sql_types::Binary;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 
+use crate::db::schema::gateways;
 use crate::db::types::uuid_id;
 use crate::db::{Db, STATEMENT_TIMEOUT};
+use crate::shared::Shared;
 
 uuid_id!(
     /// A gateway process, for as long as it runs.
@@ -47,25 +49,59 @@ pub async fn release(
         .map(drop)
 }
 
-/// Forgets leases expired a day ago (their answers were swept long since).
-pub async fn forget_old(conn: &mut AsyncMysqlConnection) -> diesel::QueryResult<()> {
-    diesel::sql_query("DELETE FROM gateways WHERE heartbeat_at < NOW(6) - INTERVAL 1 DAY")
-        .execute(conn)
+/// The gateways whose lease is older than `ttl`: they died (or lost the database that long).
+/// A plain read: the usual answer is none, and nothing is locked to find out.
+pub async fn expired(
+    conn: &mut AsyncMysqlConnection,
+    ttl: Duration,
+) -> diesel::QueryResult<Vec<GatewayId>> {
+    use diesel::QueryDsl as _;
+    use diesel::dsl::sql;
+    use diesel::sql_types::Bool;
+
+    let micros = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
+    gateways::table
+        .filter(
+            sql::<Bool>("heartbeat_at < NOW(6) - INTERVAL ")
+                .bind::<diesel::sql_types::BigInt, _>(micros)
+                .sql(" MICROSECOND"),
+        )
+        .select(gateways::id)
+        .load(conn)
         .await
-        .map(drop)
 }
 
 /// Renews `gateway`'s lease for as long as the process runs (the first renewal is at once).
 /// Failures are logged once per outage: a lease that lapses while the database is away only
 /// lets other gateways mark this one's answers INTERRUPTED early, and each answer's final
 /// write puts its real outcome back.
-pub fn spawn_lease(db: Db, gateway: GatewayId, ttl: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_lease(
+    db: Db,
+    shared: Shared,
+    gateway: GatewayId,
+    ttl: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let presence = shared.key(&["gateway", &gateway.to_string()]);
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     tokio::spawn(async move {
         let mut every = tokio::time::interval(renew_every(ttl));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
             every.tick().await;
+            // The same presence in Redis, for what is counted there per gateway.
+            let presence = presence.clone();
+            shared
+                .run(move |mut connection| async move {
+                    redis::cmd("SET")
+                        .arg(presence)
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .query_async::<()>(&mut connection)
+                        .await
+                })
+                .await;
             let result = db
                 .run(STATEMENT_TIMEOUT, async |conn| renew(conn, gateway).await)
                 .await;

@@ -17,6 +17,7 @@ pub mod graphiql;
 pub mod graphql;
 pub mod http;
 pub mod metrics;
+pub mod shared;
 pub mod users;
 
 pub use app::App;

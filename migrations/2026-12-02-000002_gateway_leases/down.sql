@@ -1,2 +1,2 @@
-ALTER TABLE messages DROP COLUMN gateway_id;
+ALTER TABLE messages DROP INDEX messages_by_gateway, DROP COLUMN gateway_id;
 DROP TABLE gateways;

@@ -8,5 +8,8 @@ CREATE TABLE gateways (
     INDEX gateways_by_heartbeat (heartbeat_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
 
--- The gateway relaying an answer (NULL on rows older than leases).
-ALTER TABLE messages ADD COLUMN gateway_id BINARY(16) NULL;
+-- The gateway relaying an answer (NULL on rows older than leases), indexed so that marking a
+-- dead gateway's answers touches only those rows.
+ALTER TABLE messages
+    ADD COLUMN gateway_id BINARY(16) NULL,
+    ADD INDEX messages_by_gateway (gateway_id, status);

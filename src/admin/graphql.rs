@@ -65,7 +65,7 @@ pub struct DifyConfigInput {
 }
 
 async fn current(app: &App) -> AppResult<DifyConfig> {
-    app.app_cache.invalidate();
+    app.apps_changed().await;
     let apps = app.apps().await?;
     Ok(DifyConfig::of_default(app, &apps))
 }

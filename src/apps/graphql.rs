@@ -75,7 +75,7 @@ impl DifyApp {
             .and_then(|a| a.dify.clone())
             .ok_or(AppError::AppUnavailable)?;
         let raw = app.store_parameters(&dify).await?;
-        app.app_cache.invalidate();
+        app.apps_changed().await;
         Ok(AppParameters::parse(raw, app.config.upload_max_bytes))
     }
 
@@ -237,7 +237,7 @@ impl Checked {
 
 /// The app as it is now, after a change.
 async fn reloaded(app: &App, id: AppId) -> AppResult<DifyApp> {
-    app.app_cache.invalidate();
+    app.apps_changed().await;
     let apps = app.apps().await?;
     apps.get(id)
         .map(DifyApp::from)
@@ -374,7 +374,7 @@ pub async fn delete(app: &App, id: AppId) -> AppResult<()> {
         Ok(())
     })
     .await?;
-    app.app_cache.invalidate();
+    app.apps_changed().await;
     tracing::info!(app.id = %id, "Dify app deleted");
     Ok(())
 }

@@ -141,6 +141,13 @@ impl AppCache {
 }
 
 impl App {
+    /// An admin changed the apps: this gateway's cache reloads now, and so does every other
+    /// gateway's when they share Redis (else within the cache's 5 s).
+    pub async fn apps_changed(&self) {
+        self.app_cache.invalidate();
+        self.shared.publish(crate::shared::Signal::Apps).await;
+    }
+
     /// The live apps (cached; see the module).
     pub async fn apps(&self) -> AppResult<Arc<Apps>> {
         let cache = &self.app_cache;

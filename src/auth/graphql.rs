@@ -69,7 +69,7 @@ impl AuthMutation {
     /// Creates an account and signs it in. The first account ever registered becomes admin.
     async fn register(&self, ctx: &Context<'_>, input: RegisterInput) -> AppResult<AuthPayload> {
         let email = Email::parse(&input.email)?;
-        count_address_attempt(ctx)?;
+        count_address_attempt(ctx).await?;
         check_password(&input.password)?;
         let full_name = clean_full_name(input.full_name)?;
         let app = ctx.app();
@@ -109,7 +109,7 @@ impl AuthMutation {
     async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> AppResult<AuthPayload> {
         let app = ctx.app();
         let email = Email::normalize(&input.email)?;
-        count_address_attempt(ctx)?;
+        count_address_attempt(ctx).await?;
         let user = {
             let mut conn = app.db.get().await?;
             db::find_by_email(&mut conn, &email).await?
@@ -122,6 +122,7 @@ impl AuthMutation {
         app.throttles
             .accounts
             .take(&key, ACCOUNT_MAX_FAILURES)
+            .await
             .map_err(|retry_after| AppError::RateLimited { retry_after })?;
         let verified = match &user {
             Some(user) => {
@@ -138,7 +139,7 @@ impl AuthMutation {
         .map_err(AppError::internal)?;
         match user {
             Some(user) if verified && user.is_active => {
-                app.throttles.accounts.reset(&key);
+                app.throttles.accounts.reset(&key).await;
                 payload(ctx, &user)
             }
             _ => Err(AppError::Unauthenticated(BAD_CREDENTIALS)),
@@ -147,7 +148,7 @@ impl AuthMutation {
 }
 
 /// Counts a registration or sign-in against the client's address.
-fn count_address_attempt(ctx: &Context<'_>) -> AppResult<()> {
+async fn count_address_attempt(ctx: &Context<'_>) -> AppResult<()> {
     let Some(address) = ctx.client_address() else {
         return Ok(());
     };
@@ -158,5 +159,6 @@ fn count_address_attempt(ctx: &Context<'_>) -> AppResult<()> {
             &address_key(address),
             app.config.auth_attempts_per_minute_per_address,
         )
+        .await
         .map_err(|retry_after| AppError::RateLimited { retry_after })
 }

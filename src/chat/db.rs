@@ -368,23 +368,23 @@ pub async fn sweep_interrupted(
     .await
 }
 
-/// Answers STREAMING in a gateway whose lease is older than `lease` belong to a gateway that
-/// died: they become INTERRUPTED as in [`sweep_interrupted`], at once.
-pub async fn sweep_expired_leases(
+/// The answers STREAMING in `gateway`, whose lease expired: it died, and they become
+/// INTERRUPTED as in [`sweep_interrupted`], at once.
+pub async fn interrupt_gateway(
     conn: &mut AsyncMysqlConnection,
-    lease: std::time::Duration,
+    gateway: crate::gateways::GatewayId,
 ) -> QueryResult<usize> {
-    let micros = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
-    diesel::sql_query(
-        "UPDATE messages SET status = ?, error = ?, last_seq = COALESCE(last_seq, 0) + 1, \
-         updated_at = ? WHERE status = ? AND gateway_id IN \
-         (SELECT id FROM gateways WHERE heartbeat_at < NOW(6) - INTERVAL ? MICROSECOND)",
+    diesel::update(
+        messages::table
+            .filter(messages::gateway_id.eq(gateway))
+            .filter(messages::status.eq(MessageStatus::Streaming)),
     )
-    .bind::<Varchar, _>(MessageStatus::Interrupted)
-    .bind::<diesel::sql_types::Text, _>(INTERRUPTED_ERROR)
-    .bind::<diesel::sql_types::Datetime, _>(now())
-    .bind::<Varchar, _>(MessageStatus::Streaming)
-    .bind::<BigInt, _>(micros)
+    .set((
+        messages::status.eq(MessageStatus::Interrupted),
+        messages::error.eq(INTERRUPTED_ERROR),
+        messages::last_seq.eq(sql::<Nullable<Integer>>("COALESCE(last_seq, 0) + 1")),
+        messages::updated_at.eq(now()),
+    ))
     .execute(conn)
     .await
 }

@@ -170,6 +170,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     app.throttles
         .turns
         .take(&viewer.id, config.chat_turns_per_minute)
+        .await
         .map_err(|retry_after| AppError::RateLimited { retry_after })?;
     let max_active = config.max_active_answers_per_user;
     let slot =
@@ -281,7 +282,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         Began::Replay { answer, same_query } => {
             // A retry, not a turn.
             drop(slot);
-            app.throttles.turns.give_back(&viewer.id);
+            app.throttles.turns.give_back(&viewer.id).await;
             return replay(&app, viewer.id, answer, same_query).await;
         }
     };

@@ -249,13 +249,48 @@ pub async fn stop_message(app: &App, dify: Option<&Dify>, user: UserId, message:
         handle.stop.notify_one();
         let mut done = handle.done.subscribe();
         let _ = tokio::time::timeout(STOP_WAIT, done.wait_for(|done| *done)).await;
-    } else if let (Some(dify), Some(task_id)) = (dify, task_id)
+        return;
+    }
+    // Another gateway relays it: with Redis, it hears at once and stops it (telling Dify).
+    let signal = crate::shared::Signal::Stop {
+        message: message.id.to_string(),
+    };
+    if app.shared.publish(signal).await && stored_within(app, message.id, REMOTE_STOP_WAIT).await {
+        return;
+    }
+    if let (Some(dify), Some(task_id)) = (dify, task_id)
         && let Err(error) = dify
             .client
             .stop(dify.mode, &task_id, &dify_user(user))
             .await
     {
         tracing::warn!(%error, dify.task_id = task_id, "Dify stop failed");
+    }
+}
+
+/// How long `stopChat` waits for another gateway to store an answer it was told to stop, before
+/// asking Dify itself.
+const REMOTE_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether the answer is stored (no longer STREAMING) within `wait`, read every 100 ms.
+async fn stored_within(app: &App, id: MessageId, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let status = app
+            .db
+            .run(crate::db::STATEMENT_TIMEOUT, async |conn| {
+                crate::conversations::db::find_message(conn, id).await
+            })
+            .await;
+        if let Ok(Some(message)) = status
+            && message.status != MessageStatus::Streaming
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -275,10 +310,13 @@ pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
             let result = app
                 .writer_db
                 .run(crate::db::STATEMENT_TIMEOUT, async |conn| {
-                    let mut marked = db::sweep_expired_leases(conn, lease).await?;
+                    let mut marked = 0;
+                    for gateway in crate::gateways::expired(conn, lease).await? {
+                        marked += db::interrupt_gateway(conn, gateway).await?;
+                        crate::gateways::release(conn, gateway).await?;
+                    }
                     if stale_due {
                         marked += db::sweep_interrupted(conn, stale_after).await?;
-                        crate::gateways::forget_old(conn).await?;
                     }
                     Ok(marked)
                 })

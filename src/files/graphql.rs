@@ -392,6 +392,7 @@ impl FileMutation {
         app.throttles
             .uploads
             .take(&user.id, app.config.uploads_per_minute)
+            .await
             .map_err(|retry_after| AppError::RateLimited { retry_after })?;
         let apps = app.apps().await?;
         let (loaded, dify) = apps.for_turn(None, requested)?;

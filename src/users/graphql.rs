@@ -216,7 +216,13 @@ async fn change_user(ctx: &Context<'_>, id: UserId, change: UserChange) -> AppRe
             db::find(conn, id).await?.ok_or(AppError::NotFound("user"))
         })
         .await?;
-    ctx.app().account_changed(user.id, user.is_active);
+    let app = ctx.app();
+    app.account_changed(user.id, user.is_active);
+    let signal = crate::shared::Signal::Account {
+        user: user.id.to_string(),
+        active: user.is_active,
+    };
+    app.shared.publish(signal).await;
     Ok((&user).into())
 }
 
