@@ -119,12 +119,10 @@ impl App {
             .context("taking the gateway's lease")?;
         drop(conn);
         let shared = match &config.redis_url {
-            Some(url) => crate::shared::Shared::connect(
-                url.expose_secret(),
-                &config.redis_prefix,
-                gateway,
-            )
-            .context("REDIS_URL")?,
+            Some(url) => {
+                crate::shared::Shared::connect(url.expose_secret(), &config.redis_prefix, gateway)
+                    .context("REDIS_URL")?
+            }
             None => crate::shared::Shared::default(),
         };
         let lease_task = crate::gateways::spawn_lease(

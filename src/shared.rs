@@ -133,6 +133,17 @@ impl Shared {
         }
     }
 
+    /// Whether Redis answers now.
+    pub async fn ping(&self) -> bool {
+        self.run(|mut connection| async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        })
+        .await
+        .is_some()
+    }
+
     /// Tells every other gateway; false when it could not (no Redis, or Redis away).
     pub async fn publish(&self, signal: Signal) -> bool {
         let Some(inner) = &self.0 else {

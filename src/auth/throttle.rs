@@ -309,9 +309,15 @@ mod tests {
         for key in 0..CAPACITY {
             window.take(&key, 1).await.unwrap();
         }
-        assert!(window.take(&CAPACITY, 1).await.is_err(), "full: new keys wait");
+        assert!(
+            window.take(&CAPACITY, 1).await.is_err(),
+            "full: new keys wait"
+        );
         tokio::time::advance(MINUTE).await;
-        window.take(&CAPACITY, 1).await.expect("expired keys make room");
+        window
+            .take(&CAPACITY, 1)
+            .await
+            .expect("expired keys make room");
         assert_eq!(window.counts.lock().unwrap().len(), 1);
     }
 

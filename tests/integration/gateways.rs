@@ -148,3 +148,246 @@ async fn a_gateway_killed_mid_answer_has_its_answer_interrupted_by_another() {
     assert_eq!(last["__typename"], "ChatFailed", "{last}");
     assert_eq!(last["error"]["code"], "interrupted");
 }
+
+/// The Redis database index the tests use; each test keeps to its own key prefix.
+const REDIS_URL: &str = "redis://127.0.0.1:6379/9";
+
+/// Points a gateway at the tests' Redis under `prefix`.
+fn with_redis(config: &mut rechat::Config, prefix: &str) {
+    config.redis_url = Some(REDIS_URL.to_owned().into());
+    config.redis_prefix = prefix.to_owned();
+}
+
+/// A second gateway in this process, on `a`'s database, fake Dify and Redis prefix.
+struct Peer {
+    app: rechat::App,
+    addr: SocketAddr,
+}
+
+impl Peer {
+    async fn start(a: &TestApp) -> Self {
+        let mut config = rechat::Config::for_tests(&a.db.url(), &a.dify.url);
+        config.redis_url = a.app.config.redis_url.clone();
+        config.redis_prefix = a.app.config.redis_prefix.clone();
+        config.chat_turns_per_minute = a.app.config.chat_turns_per_minute;
+        config.auth_attempts_per_minute_per_address =
+            a.app.config.auth_attempts_per_minute_per_address;
+        let app = rechat::App::build(config).await.expect("gateway B");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(rechat::http::serve(
+            listener,
+            app.clone(),
+            std::future::pending(),
+        ));
+        Self { app, addr }
+    }
+
+    async fn gql(&self, a: &TestApp, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut request = a
+            .http
+            .post(format!("http://{}/graphql", self.addr))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn ws(&self, user: &Actor<'_>) -> WsClient {
+        let payload =
+            json!({ "Authorization": format!("Bearer {}", user.token.as_deref().unwrap()) });
+        WsClient::connect(
+            &format!("ws://{}/graphql", self.addr),
+            TRANSPORT_WS,
+            Some(payload),
+        )
+        .await
+        .expect("connection_ack from B")
+    }
+}
+
+/// Waits until both gateways talk to Redis and listen for each other's signals.
+async fn wait_for_redis(a: &TestApp, b: &Peer) {
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = format!("{}:signals", a.app.config.redis_prefix);
+    for _ in 0..100 {
+        let (_, listeners): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async::<Vec<(String, i64)>>(&mut connection)
+            .await
+            .unwrap()
+            .remove(0);
+        let connected = a.app.shared.ping().await && b.app.shared.ping().await;
+        if listeners >= 2 && connected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateways never reached Redis");
+}
+
+/// Deletes what a test left under its prefix.
+async fn clean_redis(prefix: &str) {
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async::<i64>(&mut connection)
+            .await
+            .unwrap();
+    }
+}
+
+fn prefix() -> String {
+    format!("rechat-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_hold_across_gateways_through_redis() {
+    let prefix = prefix();
+    let a = TestApp::spawn_with(|c| {
+        with_redis(c, &prefix);
+        c.chat_turns_per_minute = 2;
+        c.auth_attempts_per_minute_per_address = 6;
+    })
+    .await;
+    let b = Peer::start(&a).await;
+    wait_for_redis(&a, &b).await;
+    // Two registrations on A count against the address.
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+    const LOGIN: &str = "mutation($i: LoginInput!) { login(input: $i) { token } }";
+    let wrong = json!({ "i": { "email": "nobody@example.com", "password": "wrong password" } });
+    for _ in 0..2 {
+        let on_a = a.gql(None, LOGIN, wrong.clone()).await;
+        assert_eq!(error_code(&on_a), "UNAUTHENTICATED", "{on_a}");
+        let on_b = b.gql(&a, None, LOGIN, wrong.clone()).await;
+        assert_eq!(error_code(&on_b), "UNAUTHENTICATED", "{on_b}");
+    }
+    let refused = b.gql(&a, None, LOGIN, wrong).await;
+    assert_eq!(
+        error_code(&refused),
+        "RATE_LIMITED",
+        "six attempts from one address in all"
+    );
+
+    // Turns: one on each gateway, the third refused on either.
+    let token = user.token.as_deref().unwrap();
+    for ws in [user.ws(TRANSPORT_WS).await, b.ws(&user).await] {
+        let mut ws = ws;
+        ws.subscribe(CHAT, json!({ "input": { "query": "q" } }))
+            .await;
+        ws.collect().await.expect("a turn");
+    }
+    let mut third = b.ws(&user).await;
+    third
+        .subscribe(CHAT, json!({ "input": { "query": "q" } }))
+        .await;
+    assert_eq!(
+        error_code(&third.collect().await.expect_err("limited")),
+        "RATE_LIMITED"
+    );
+    let _ = token;
+    clean_redis(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_and_admin_changes_reach_the_other_gateway_at_once() {
+    let prefix = prefix();
+    let a = TestApp::spawn_with(|c| with_redis(c, &prefix)).await;
+    let b = Peer::start(&a).await;
+    wait_for_redis(&a, &b).await;
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+
+    // An answer relayed by A, stopped from B.
+    a.dify.push(Script::Long {
+        deltas: 10_000,
+        pause: Duration::from_millis(20),
+    });
+    let mut on_a = user.ws(TRANSPORT_WS).await;
+    on_a.subscribe(CHAT, json!({ "input": { "query": "long" } }))
+        .await;
+    let started = first_event(&mut on_a).await;
+    let id = started["messageId"].as_str().unwrap().to_owned();
+    a.dify.wait_for_requests("/chat-messages", 1).await;
+    let asked = Instant::now();
+    let stopped = b
+        .gql(
+            &a,
+            user.token.as_deref(),
+            "mutation($id: ID!) { stopChat(messageId: $id) { status } }",
+            json!({ "id": id }),
+        )
+        .await;
+    assert_eq!(
+        stopped["data"]["stopChat"]["status"], "STOPPED",
+        "{stopped}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(a.dify.requests_to("/stop").len(), 1, "Dify is told once");
+    let mut last = Value::Null;
+    while let OpMessage::Next(payload) = on_a.next_op().await {
+        last = payload["data"]["chat"].clone();
+    }
+    assert_eq!(last["message"]["status"], "STOPPED", "{last}");
+
+    // An app disabled through B is unavailable on A at once (its cache would keep it 5 s).
+    let apps = a
+        .gql(admin.token.as_deref(), "{ apps { id } }", json!({}))
+        .await;
+    let app_id = apps["data"]["apps"][0]["id"].as_str().unwrap().to_owned();
+    let changed = b
+        .gql(
+            &a,
+            admin.token.as_deref(),
+            "mutation($id: ID!) { updateDifyApp(id: $id, input: { isEnabled: false }) { isEnabled } }",
+            json!({ "id": app_id }),
+        )
+        .await;
+    assert_eq!(
+        changed["data"]["updateDifyApp"]["isEnabled"], false,
+        "{changed}"
+    );
+    let mut turn = user.ws(TRANSPORT_WS).await;
+    turn.subscribe(CHAT, json!({ "input": { "query": "q" } }))
+        .await;
+    let refused = turn.collect().await.expect_err("the app is disabled");
+    assert_eq!(error_code(&refused), "APP_UNAVAILABLE");
+    clean_redis(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_whose_redis_is_away_works_on_its_own() {
+    // Nothing listens on port 1: every shared feature falls back to this process.
+    let a = TestApp::spawn_with(|c| {
+        c.redis_url = Some("redis://127.0.0.1:1/0".to_owned().into());
+        c.chat_turns_per_minute = 1;
+    })
+    .await;
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+    let events = crate::chat::chat(&user, TRANSPORT_WS, json!({ "query": "q" })).await;
+    assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
+    let mut second = user.ws(TRANSPORT_WS).await;
+    second
+        .subscribe(CHAT, json!({ "input": { "query": "q" } }))
+        .await;
+    assert_eq!(
+        error_code(&second.collect().await.expect_err("limited here")),
+        "RATE_LIMITED"
+    );
+}
