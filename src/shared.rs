@@ -34,6 +34,9 @@ pub enum Signal {
     Account { user: String, active: bool },
     /// An admin changed the apps: caches reload.
     Apps,
+    /// A subscriber elsewhere follows this answer: the gateway relaying it mirrors its events
+    /// to Redis (see `chat::mirror`).
+    Mirror { message: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -239,6 +242,11 @@ pub fn listen(app: &crate::App) {
                 }
             }
             Signal::Apps => app.app_cache.invalidate(),
+            Signal::Mirror { message } => {
+                if let Ok(id) = uuid::Uuid::parse_str(&message) {
+                    crate::chat::mirror::start(&app, crate::conversations::domain::MessageId(id));
+                }
+            }
         }
     });
 }

@@ -1,6 +1,7 @@
 //! The `ChatEvent` types a `chat` subscription sends.
 
 use async_graphql::{ID, Interface, Json, SimpleObject};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Message, MessageFile};
@@ -8,7 +9,8 @@ use crate::conversations::graphql::{AgentThought, ChatError, Conversation, Messa
 /// One event of an answer. Every event names the assistant message it belongs to and a
 /// sequence number that starts at 1 and grows by 1 per event of that message; a resumed
 /// subscription (`resumeChat`) gets the same events with the same numbers.
-#[derive(Interface)]
+#[derive(Interface, Serialize, Deserialize)]
+#[serde(tag = "__typename")]
 #[graphql(
     field(
         name = "message_id",
@@ -123,7 +125,7 @@ impl ChatEvent {
 }
 
 /// Always first: the turn is saved and the answer is about to stream.
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct ChatStarted {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -138,7 +140,7 @@ pub struct ChatStarted {
 }
 
 /// A piece of the answer (Dify `message`, `agent_message`, `text_chunk`): append it.
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct AnswerDelta {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -149,7 +151,7 @@ pub struct AnswerDelta {
 }
 
 /// The whole answer so far replaces what was streamed (Dify `message_replace`, moderation).
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct AnswerReplaced {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -160,7 +162,7 @@ pub struct AnswerReplaced {
 }
 
 /// An agent step started or filled in (Dify `agent_thought`; the same id is re-sent).
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct AgentThoughtUpdated {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -171,7 +173,7 @@ pub struct AgentThoughtUpdated {
 }
 
 /// A file was attached to the answer (Dify `message_file`).
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct MessageFileAdded {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -182,7 +184,7 @@ pub struct MessageFileAdded {
 }
 
 /// Workflow progress (Dify `workflow_*`, `node_*`, `iteration_*`, `loop_*`, `agent_log` …).
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct WorkflowProgress {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -207,7 +209,7 @@ pub struct WorkflowProgress {
 }
 
 /// Any other Dify event (e.g. `message_end`, `tts_message`, human input, future events).
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct DifyEvent {
     /// The assistant message being generated.
     pub message_id: ID,
@@ -222,7 +224,7 @@ pub struct DifyEvent {
 /// The answer as it stands, covering every event up to `seq`: sent to a subscriber that resumes
 /// (or reads) from a point whose events are no longer retained. Replace what you have of the
 /// answer with `message`; the next event has `seq` + 1.
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct ChatSnapshot {
     /// The assistant message.
     pub message_id: ID,
@@ -233,7 +235,7 @@ pub struct ChatSnapshot {
 }
 
 /// Last: the answer is saved with status COMPLETED or STOPPED.
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct ChatCompleted {
     /// The assistant message.
     pub message_id: ID,
@@ -244,7 +246,7 @@ pub struct ChatCompleted {
 }
 
 /// Last: Dify failed; the answer is saved with status FAILED and what had arrived.
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Serialize, Deserialize)]
 pub struct ChatFailed {
     /// The assistant message.
     pub message_id: ID,

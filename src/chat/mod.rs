@@ -6,6 +6,7 @@ pub mod db;
 pub mod events;
 pub mod graphql;
 pub mod log;
+pub mod mirror;
 pub mod relay;
 pub mod resume;
 pub mod writer;
@@ -50,6 +51,8 @@ struct Registry {
     kept: HashMap<MessageId, Kept>,
     /// Live answers by their turn's `clientMessageId`, with the turn's query.
     clients: HashMap<(UserId, String), (MessageId, String)>,
+    /// Answers being mirrored to Redis for subscribers on other gateways.
+    mirrors: std::collections::HashSet<MessageId>,
 }
 
 /// An answer as [`Streams::kept`] has it.
@@ -171,6 +174,15 @@ impl Streams {
     /// for a grace period after it ended here.
     pub fn kept(&self, id: MessageId) -> Option<Kept> {
         self.lock().kept.get(&id).cloned()
+    }
+
+    /// Marks an answer as mirrored; false when it already is.
+    pub fn start_mirror(&self, id: MessageId) -> bool {
+        self.lock().mirrors.insert(id)
+    }
+
+    pub fn end_mirror(&self, id: MessageId) {
+        self.lock().mirrors.remove(&id);
     }
 
     /// The live answer of `owner`'s turn sent with `client_message_id`, and whether that turn

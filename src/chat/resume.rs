@@ -15,6 +15,7 @@ use futures::StreamExt as _;
 use super::Kept;
 use super::events::{ChatCompleted, ChatEvent, ChatFailed, ChatSnapshot};
 use super::log::ChatStream;
+use super::mirror::{Next, RemoteFollow};
 use crate::app::App;
 use crate::conversations::db::{self as conversations_db, MessageRecord};
 use crate::conversations::domain::{MessageId, MessageRole, MessageStatus};
@@ -51,14 +52,21 @@ pub async fn resume(app: &App, owner: UserId, id: MessageId, after: i32) -> AppR
         .map(|(record, _)| record)
         .filter(|record| record.role == MessageRole::Assistant)
         .ok_or(AppError::NotFound("message"))?;
+    let after = after.max(0);
+    // Streaming in another gateway: its events through Redis, when both share it.
+    let elsewhere = record.status == MessageStatus::Streaming
+        && record
+            .gateway_id
+            .is_some_and(|gateway| gateway != app.gateway);
+    if elsewhere
+        && app.shared.is_configured()
+        && let Some(remote) = RemoteFollow::ask(app, id, after).await
+    {
+        app.metrics.resumed("mirror");
+        return Ok(futures::stream::unfold(Some(Source::Mirror(remote)), next).boxed());
+    }
     app.metrics.resumed("stored");
-    let mut follow = Follow {
-        app: app.clone(),
-        id,
-        sent: after.max(0),
-        queue: VecDeque::new(),
-        ended: false,
-    };
+    let mut follow = Follow::new(app, id, after);
     follow.read(record);
     Ok(futures::stream::unfold(Some(Source::Stored(follow)), next).boxed())
 }
@@ -67,6 +75,7 @@ pub async fn resume(app: &App, owner: UserId, id: MessageId, after: i32) -> AppR
 enum Source {
     Stored(Follow),
     Log(ChatStream),
+    Mirror(RemoteFollow),
 }
 
 /// Follows an answer through its stored row.
@@ -87,6 +96,11 @@ async fn next(source: Option<Source>) -> Option<(Item, Option<Source>)> {
             let event = events.next().await?;
             return Some((event, Some(Source::Log(events))));
         }
+        Source::Mirror(mut remote) => match remote.next().await {
+            Next::Event(event) => return Some((Ok(event), Some(Source::Mirror(remote)))),
+            Next::End => return None,
+            Next::FallBack => Follow::new(&remote.app, remote.id, remote.sent),
+        },
         Source::Stored(follow) => follow,
     };
     loop {
@@ -125,6 +139,16 @@ async fn next(source: Option<Source>) -> Option<(Item, Option<Source>)> {
 }
 
 impl Follow {
+    fn new(app: &App, id: MessageId, sent: i32) -> Self {
+        Self {
+            app: app.clone(),
+            id,
+            sent,
+            queue: VecDeque::new(),
+            ended: false,
+        }
+    }
+
     /// Queues what the stored row adds to what was sent.
     fn read(&mut self, record: MessageRecord) {
         if record.status == MessageStatus::Streaming {

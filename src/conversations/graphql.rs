@@ -23,7 +23,7 @@ use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};
 use crate::users::db::UserRecord;
 
 /// A chat with the Dify app: its messages and how it is filed.
-#[derive(SimpleObject, Clone)]
+#[derive(SimpleObject, Clone, Serialize, Deserialize)]
 #[graphql(complex)]
 pub struct Conversation {
     /// The conversation's id.
@@ -125,7 +125,7 @@ pub struct ChatError {
 }
 
 /// Token usage and cost of an answer, as Dify reported it.
-#[derive(SimpleObject, Clone, Debug)]
+#[derive(SimpleObject, Clone, Serialize, Deserialize, Debug)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: i64,
@@ -142,7 +142,7 @@ pub struct Usage {
 }
 
 /// A knowledge-base passage the answer drew on.
-#[derive(SimpleObject, Clone, Debug)]
+#[derive(SimpleObject, Clone, Serialize, Deserialize, Debug)]
 pub struct RetrieverResource {
     /// Citation number.
     pub position: Option<i32>,
@@ -197,7 +197,7 @@ pub struct MessageFile {
 }
 
 /// A query or an answer.
-#[derive(SimpleObject, Clone)]
+#[derive(SimpleObject, Clone, Serialize, Deserialize)]
 pub struct Message {
     /// The message's id.
     pub id: ID,

@@ -69,6 +69,7 @@ macro_rules! text_enum {
         #[derive(
             Debug, Clone, Copy, PartialEq, Eq, async_graphql::Enum,
             diesel::expression::AsExpression, diesel::deserialize::FromSqlRow,
+            serde::Serialize, serde::Deserialize,
         )]
         #[diesel(sql_type = diesel::sql_types::Text)]
         pub enum $name { $($(#[$vmeta])* $variant),+ }

@@ -391,3 +391,61 @@ async fn a_gateway_whose_redis_is_away_works_on_its_own() {
         "RATE_LIMITED"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_relayed_by_one_gateway_resumes_on_the_other_without_a_gap() {
+    let prefix = prefix();
+    let a = TestApp::spawn_with(|c| with_redis(c, &prefix)).await;
+    let b = Peer::start(&a).await;
+    wait_for_redis(&a, &b).await;
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+    a.dify.push(Script::Long {
+        deltas: 150,
+        pause: Duration::from_millis(10),
+    });
+    const WORDS: fn(usize) -> String = |n| (0..n).map(|i| format!("word{i} ")).collect();
+    let input = json!({ "query": "long", "clientMessageId": "across" });
+    let mut on_a = user.ws(TRANSPORT_WS).await;
+    on_a.subscribe(CHAT, json!({ "input": input })).await;
+    let mut head = Vec::new();
+    for _ in 0..8 {
+        head.push(first_event(&mut on_a).await);
+    }
+    drop(on_a);
+    let id = head[0]["messageId"].as_str().unwrap().to_owned();
+
+    // The page reconnects to B and resumes after the 8th event.
+    let mut on_b = b.ws(&user).await;
+    on_b.subscribe(crate::resume::RESUME_ALL, json!({ "id": id, "after": 8 }))
+        .await;
+    let mut tail = Vec::new();
+    while let OpMessage::Next(payload) = on_b.next_op().await {
+        tail.push(payload["data"]["resumeChat"].clone());
+    }
+    assert_eq!(tail[0]["seq"], 9, "{:?}", tail.first());
+    let events: Vec<Value> = head.into_iter().chain(tail).collect();
+    crate::chat::check_shape(&events);
+    assert_eq!(crate::chat::answer_of(&events), WORDS(150));
+    let metrics = reqwest::get(format!("http://{}/metrics", b.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rechat_resumes_total{from=\"mirror\"} 1"),
+        "{metrics}"
+    );
+
+    // The same send retried on B once the answer ended: the same turn, nothing new.
+    let mut retry = b.ws(&user).await;
+    retry.subscribe(CHAT, json!({ "input": input })).await;
+    let again = retry.collect().await.expect("replayed");
+    assert_eq!(
+        again.last().unwrap()["data"]["chat"]["messageId"],
+        id.as_str()
+    );
+    assert_eq!(a.dify.requests_to("/chat-messages").len(), 1);
+    clean_redis(&prefix).await;
+}

@@ -10,6 +10,16 @@ use crate::harness::fake_dify::Script;
 use crate::harness::ws::{LEGACY_WS, OpMessage, TRANSPORT_WS, WsClient};
 use crate::harness::{Actor, TestApp, error_code};
 
+/// `resumeChat` with the selection of `chat::CHAT`.
+pub const RESUME_ALL: &str = r#"subscription($id: ID!, $after: Int) { resumeChat(messageId: $id, afterSeq: $after) { __typename messageId seq
+  ... on ChatStarted { conversation { id title messageCount } userMessage { id content role status } assistantMessage { id role status } }
+  ... on AnswerDelta { delta }
+  ... on ChatSnapshot { message { id content status } }
+  ... on DifyEvent { event }
+  ... on ChatCompleted { message { id conversationId content status } }
+  ... on ChatFailed { message { id content status error { code } } error { code message status } }
+} }"#;
+
 const RESUME: &str = r#"subscription($id: ID!, $after: Int) { resumeChat(messageId: $id, afterSeq: $after) { __typename messageId seq
   ... on ChatStarted { assistantMessage { id status } }
   ... on AnswerDelta { delta }
