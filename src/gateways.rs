@@ -98,7 +98,7 @@ pub fn spawn_lease(
                         .arg(1)
                         .arg("PX")
                         .arg(ttl_ms)
-                        .query_async::<()>(&mut connection)
+                        .query_async::<redis::Value>(&mut connection)
                         .await
                 })
                 .await;

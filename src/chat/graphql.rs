@@ -173,16 +173,16 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         .await
         .map_err(|retry_after| AppError::RateLimited { retry_after })?;
     let max_active = config.max_active_answers_per_user;
-    let slot =
-        app.streams
-            .reserve(viewer.id, max_active)
-            .ok_or_else(|| AppError::LimitExceeded {
-                limit: "MAX_ACTIVE_ANSWERS_PER_USER",
-                max: max_active.into(),
-                message: format!(
-                    "you have {max_active} answers streaming already; wait for one to end"
-                ),
-            })?;
+    let slot = app
+        .reserve_answer(viewer.id, max_active)
+        .await
+        .ok_or_else(|| AppError::LimitExceeded {
+            limit: "MAX_ACTIVE_ANSWERS_PER_USER",
+            max: max_active.into(),
+            message: format!(
+                "you have {max_active} answers streaming already; wait for one to end"
+            ),
+        })?;
 
     // A WebSocket can outlive its token: the account is checked again at each turn, in the same
     // query that checks the token quota and the conversation's owner.

@@ -83,12 +83,12 @@ pub fn start(app: &App, id: MessageId) {
                 .arg(&key)
                 .arg(if ended { grace_ms } else { live_ms })
                 .ignore();
-            let written =
-                app.shared
-                    .run(move |mut connection| async move {
-                        pipe.query_async::<()>(&mut connection).await
-                    })
-                    .await;
+            let written = app
+                .shared
+                .run(move |mut connection| async move {
+                    pipe.query_async::<redis::Value>(&mut connection).await
+                })
+                .await;
             if written.is_none() {
                 // Readers notice the silence and follow the stored row instead.
                 break;

@@ -21,6 +21,7 @@ use self::log::AnswerLog;
 use crate::app::{App, Dify};
 use crate::conversations::db::MessageRecord;
 use crate::conversations::domain::{MessageId, MessageStatus};
+use crate::shared::Shared;
 use crate::users::domain::UserId;
 
 /// The Dify `user` for an account: derived from its id, never chosen by the client.
@@ -87,6 +88,8 @@ pub struct Registration {
 pub struct Slot {
     streams: Streams,
     owner: UserId,
+    /// Its place among the owner's answers of every gateway, in Redis: the set and the member.
+    shared: Option<(Shared, String, String)>,
 }
 
 impl Drop for Slot {
@@ -98,6 +101,97 @@ impl Drop for Slot {
                 registry.per_owner.remove(&self.owner);
             }
         }
+        if let Some((shared, key, member)) = self.shared.take() {
+            tokio::spawn(async move {
+                shared
+                    .run(move |mut connection| async move {
+                        redis::cmd("ZREM")
+                            .arg(key)
+                            .arg(member)
+                            .query_async::<i64>(&mut connection)
+                            .await
+                    })
+                    .await;
+            });
+        }
+    }
+}
+
+/// Takes a place among a user's answers on every gateway: members are `<gateway>/<slot>`, and
+/// those of gateways whose presence key (renewed with their lease) expired are dropped first.
+/// The caller's own presence is renewed here too: it is alive. Non-zero when taken, 0 when
+/// `max` are live.
+static RESERVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        redis.call('SET', ARGV[3] .. ARGV[4], 1, 'PX', ARGV[5])
+        local live = 0
+        for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+            local gateway = string.match(member, '^([^/]+)/')
+            if gateway and redis.call('EXISTS', ARGV[3] .. gateway) == 1 then
+                live = live + 1
+            else
+                redis.call('ZREM', KEYS[1], member)
+            end
+        end
+        if live >= tonumber(ARGV[1]) then return 0 end
+        redis.call('ZADD', KEYS[1], 0, ARGV[2])
+        redis.call('EXPIRE', KEYS[1], 86400)
+        return live + 1
+        ",
+    )
+});
+
+impl App {
+    /// A place for one more answer of `owner`, unless `max` are streaming already: on every
+    /// gateway when they share Redis, else on this one.
+    pub async fn reserve_answer(&self, owner: UserId, max: u32) -> Option<Slot> {
+        let mut slot = self.streams.reserve(owner, max)?;
+        let key = self.shared.key(&["active", &owner.to_string()]);
+        let member = format!("{}/{}", self.gateway, uuid::Uuid::new_v4().simple());
+        let gateways = self.shared.key(&["gateway", ""]);
+        let gateway = self.gateway.to_string();
+        let lease_ms = u64::try_from(self.config.gateway_lease.as_millis()).unwrap_or(u64::MAX);
+        let taken = {
+            let (key, member) = (key.clone(), member.clone());
+            self.shared
+                .run(move |mut connection| async move {
+                    RESERVE
+                        .key(key)
+                        .arg(max)
+                        .arg(member)
+                        .arg(gateways)
+                        .arg(gateway)
+                        .arg(lease_ms)
+                        .invoke_async::<i64>(&mut connection)
+                        .await
+                })
+                .await
+        };
+        match taken {
+            Some(0) => None,
+            Some(_) => {
+                slot.shared = Some((self.shared.clone(), key, member));
+                Some(slot)
+            }
+            None => Some(slot),
+        }
+    }
+
+    /// Answers of `owner` streaming now: on every gateway when they share Redis (counting only
+    /// live gateways' at the next reservation), else on this one.
+    pub async fn active_answers(&self, owner: UserId) -> u32 {
+        let key = self.shared.key(&["active", &owner.to_string()]);
+        let shared = self
+            .shared
+            .run(move |mut connection| async move {
+                redis::cmd("ZCARD")
+                    .arg(key)
+                    .query_async::<u32>(&mut connection)
+                    .await
+            })
+            .await;
+        shared.unwrap_or_else(|| self.streams.active(owner))
     }
 }
 
@@ -117,6 +211,7 @@ impl Streams {
         Some(Slot {
             streams: self.clone(),
             owner,
+            shared: None,
         })
     }
 

@@ -84,7 +84,8 @@ impl User {
             total_tokens: i64::try_from(used).unwrap_or(i64::MAX),
             token_quota: limit.map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
             resets_at: quota::period_end(period),
-            active_answers: app.streams.active(self.user_id) as i32,
+            active_answers: i32::try_from(app.active_answers(self.user_id).await)
+                .unwrap_or(i32::MAX),
         })
     }
 }

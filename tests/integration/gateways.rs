@@ -170,6 +170,8 @@ impl Peer {
         config.redis_url = a.app.config.redis_url.clone();
         config.redis_prefix = a.app.config.redis_prefix.clone();
         config.chat_turns_per_minute = a.app.config.chat_turns_per_minute;
+        config.max_active_answers_per_user = a.app.config.max_active_answers_per_user;
+        config.gateway_lease = a.app.config.gateway_lease;
         config.auth_attempts_per_minute_per_address =
             a.app.config.auth_attempts_per_minute_per_address;
         let app = rechat::App::build(config).await.expect("gateway B");
@@ -447,5 +449,74 @@ async fn an_answer_relayed_by_one_gateway_resumes_on_the_other_without_a_gap() {
         id.as_str()
     );
     assert_eq!(a.dify.requests_to("/chat-messages").len(), 1);
+    clean_redis(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_answers_are_counted_across_gateways_and_a_dead_ones_are_dropped() {
+    // A place left by a gateway that died (its presence key is gone) does not count.
+    let prefix = prefix();
+    let a = TestApp::spawn_with(|c| {
+        with_redis(c, &prefix);
+        c.max_active_answers_per_user = 1;
+        c.gateway_lease = LEASE;
+    })
+    .await;
+    let b = Peer::start(&a).await;
+    wait_for_redis(&a, &b).await;
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ZADD")
+        .arg(format!("{prefix}:active:{}", user.id))
+        .arg(0)
+        .arg("0190a4e2-0000-7000-8000-000000000000/left-behind")
+        .query_async::<i64>(&mut connection)
+        .await
+        .unwrap();
+    a.dify.push(Script::Long {
+        deltas: 10_000,
+        pause: Duration::from_millis(20),
+    });
+    let mut on_a = user.ws(TRANSPORT_WS).await;
+    on_a.subscribe(CHAT, json!({ "input": { "query": "long" } }))
+        .await;
+    let started = first_event(&mut on_a).await;
+    assert_eq!(started["__typename"], "ChatStarted", "{started}");
+    let id = started["messageId"].as_str().unwrap().to_owned();
+
+    const USAGE: &str = "{ me { usage { activeAnswers } } }";
+    let usage = b.gql(&a, user.token.as_deref(), USAGE, json!({})).await;
+    assert_eq!(usage["data"]["me"]["usage"]["activeAnswers"], 1, "{usage}");
+    let mut on_b = b.ws(&user).await;
+    on_b.subscribe(CHAT, json!({ "input": { "query": "another" } }))
+        .await;
+    let refused = on_b
+        .collect()
+        .await
+        .expect_err("one answer at a time, on any gateway");
+    assert_eq!(error_code(&refused), "LIMIT_EXCEEDED");
+
+    // Once the answer on A ends, B takes a turn.
+    user.gql(
+        "mutation($id: ID!) { stopChat(messageId: $id) { status } }",
+        json!({ "id": id }),
+    )
+    .await;
+    let mut turn = None;
+    for _ in 0..50 {
+        let mut on_b = b.ws(&user).await;
+        on_b.subscribe(CHAT, json!({ "input": { "query": "now" } }))
+            .await;
+        match on_b.collect().await {
+            Ok(events) => {
+                turn = Some(events);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(turn.is_some(), "the slot was given back");
     clean_redis(&prefix).await;
 }
