@@ -69,8 +69,8 @@ pub struct Config {
     /// `RESUME_BUFFER_BYTES`: the events kept per answer for subscribers that resume or read
     /// slowly; beyond it the oldest are folded into a `ChatSnapshot`.
     pub resume_buffer_bytes: usize,
-    /// How long an ended answer's events stay in memory for `resumeChat` (then the database
-    /// answers).
+    /// How long the Redis stream of an answer mirrored for another gateway stays after the
+    /// answer ended.
     pub resume_grace: Duration,
     /// `AUTH_ATTEMPTS_PER_MINUTE_PER_ADDRESS`: registrations and sign-ins per client address.
     pub auth_attempts_per_minute_per_address: u32,
@@ -104,7 +104,7 @@ pub struct Config {
 /// The largest `MAX_ANSWER_BYTES`: an answer is one MEDIUMTEXT value in one statement.
 pub const MAX_ANSWER_BYTES_CEILING: usize = 15 << 20;
 
-/// How long an ended answer stays resumable from memory.
+/// How long a mirrored answer's Redis stream outlives the answer.
 pub const RESUME_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_DATABASE_URL: &str = "mysql://root@127.0.0.1:3306/rechat";
 pub const DEFAULT_DIFY_API_URL: &str = "https://api.dify.ai/v1";

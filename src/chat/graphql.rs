@@ -307,7 +307,6 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     let handle = app.streams.register(registration, &slot);
     let message_id = answer.id;
     let streams = app.streams.clone();
-    let grace = config.resume_grace;
     let active = app.metrics.active_streams.clone();
     active.inc();
     let turn = Turn {
@@ -319,7 +318,7 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
     tokio::spawn(tracing::Instrument::instrument(
         async move {
             relay::run(app, dify, turn, log, handle).await;
-            streams.remove(message_id, grace);
+            streams.remove(message_id);
             drop(slot);
             active.dec();
         },

@@ -114,15 +114,6 @@ impl AnswerLog {
         .boxed()
     }
 
-    /// The terminal event, once the answer ended.
-    pub fn terminal(&self) -> Option<Arc<ChatEvent>> {
-        let state = self.state();
-        state
-            .ended
-            .then(|| state.events.back().map(|r| r.event.clone()))
-            .flatten()
-    }
-
     /// What a subscriber at `next_seq` reads now, and where it is after; `None` when it must wait,
     /// and `Some(None)` once it has read the terminal event.
     fn read(&self, next_seq: i32) -> Option<Option<(Arc<ChatEvent>, i32)>> {

@@ -16,7 +16,6 @@ use std::time::Duration;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::time::Instant;
 
-use super::Kept;
 use super::events::ChatEvent;
 use crate::app::App;
 use crate::conversations::domain::MessageId;
@@ -40,7 +39,7 @@ fn stream_key(app: &App, id: MessageId) -> String {
 
 /// Starts mirroring an answer relayed here, unless it is mirrored already or not live here.
 pub fn start(app: &App, id: MessageId) {
-    let Some(Kept::Live(log)) = app.streams.kept(id) else {
+    let Some(log) = app.streams.log(id) else {
         return;
     };
     if !app.streams.start_mirror(id) {

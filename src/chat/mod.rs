@@ -39,9 +39,9 @@ pub struct StreamHandle {
 }
 
 /// The answers this process is streaming, so a stop reaches them at once, how many each user
-/// has, and their event logs for subscribers that resume (after an answer ends, its terminal
-/// event for a grace period). Stops from other processes go through Dify (with the stored task id) and the
-/// `stop_requested` column.
+/// has, and their event logs for subscribers that resume (once an answer ended, its stored row
+/// answers them). Stops from other processes arrive as Redis signals, or go through Dify (with
+/// the stored task id) and the `stop_requested` column.
 #[derive(Default, Clone)]
 pub struct Streams(Arc<Mutex<Registry>>);
 
@@ -49,30 +49,11 @@ pub struct Streams(Arc<Mutex<Registry>>);
 struct Registry {
     handles: HashMap<MessageId, Arc<StreamHandle>>,
     per_owner: HashMap<UserId, u32>,
-    kept: HashMap<MessageId, Kept>,
+    logs: HashMap<MessageId, Arc<AnswerLog>>,
     /// Live answers by their turn's `clientMessageId`, with the turn's query.
     clients: HashMap<(UserId, String), (MessageId, String)>,
     /// Answers being mirrored to Redis for subscribers on other gateways.
     mirrors: std::collections::HashSet<MessageId>,
-}
-
-/// An answer as [`Streams::kept`] has it.
-#[derive(Clone)]
-pub enum Kept {
-    Live(Arc<AnswerLog>),
-    Ended {
-        owner: UserId,
-        terminal: Arc<events::ChatEvent>,
-    },
-}
-
-impl Kept {
-    pub fn owner(&self) -> UserId {
-        match self {
-            Self::Live(log) => log.owner(),
-            Self::Ended { owner, .. } => *owner,
-        }
-    }
 }
 
 /// A live answer's turn as the registry knows it.
@@ -229,16 +210,16 @@ impl Streams {
         });
         let mut registry = self.lock();
         registry.handles.insert(turn.id, handle.clone());
-        registry.kept.insert(turn.id, Kept::Live(turn.log));
+        registry.logs.insert(turn.id, turn.log);
         if let Some((key, query)) = turn.client {
             registry.clients.insert((slot.owner, key), (turn.id, query));
         }
         handle
     }
 
-    /// The answer ended: its terminal event stays for `grace`, for subscribers that resume.
-    /// (Subscribers reading its log keep the log until they reach the end.)
-    pub fn remove(&self, id: MessageId, grace: Duration) {
+    /// The answer ended and is stored. Subscribers reading its log keep the log until they
+    /// reach the end; later ones read the stored row.
+    pub fn remove(&self, id: MessageId) {
         let mut registry = self.lock();
         if let Some(handle) = registry.handles.remove(&id) {
             handle.done.send_replace(true);
@@ -246,29 +227,12 @@ impl Streams {
                 registry.clients.remove(&(handle.owner, key));
             }
         }
-        let ended = match registry.kept.remove(&id) {
-            Some(Kept::Live(log)) => log.terminal().map(|terminal| Kept::Ended {
-                owner: log.owner(),
-                terminal,
-            }),
-            other => other,
-        };
-        let Some(ended) = ended else {
-            return;
-        };
-        registry.kept.insert(id, ended);
-        drop(registry);
-        let streams = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            streams.lock().kept.remove(&id);
-        });
+        registry.logs.remove(&id);
     }
 
-    /// What this process has of an answer: its log while it streams here, its terminal event
-    /// for a grace period after it ended here.
-    pub fn kept(&self, id: MessageId) -> Option<Kept> {
-        self.lock().kept.get(&id).cloned()
+    /// The event log of an answer streaming here.
+    pub fn log(&self, id: MessageId) -> Option<Arc<AnswerLog>> {
+        self.lock().logs.get(&id).cloned()
     }
 
     /// Marks an answer as mirrored; false when it already is.

@@ -1,10 +1,14 @@
 //! `resumeChat`: re-attach to an answer from a given `seq`. An answer streaming here is read
 //! from its event log: the events as first sent. An answer that ended resumes as a
-//! `ChatSnapshot` of the answer as stored and its terminal event: kept in memory for a grace
-//! period after it ended here, else read from its row and numbered from its `last_seq`. An
-//! answer streaming in another gateway process is followed through its row: a `ChatSnapshot`
-//! each time its stored content moves on, then the terminal event once it ends (or its log, if
-//! it turns out to stream here after all).
+//! `ChatSnapshot` of the answer as stored and its terminal event, read from its row and
+//! numbered from its `last_seq` (the final write precedes the terminal event, so the row always
+//! has it; keeping ended answers in memory instead would cost their size for every answer
+//! ended within the grace period, for one indexed read saved). An
+//! answer streaming in another gateway process is read from that gateway's mirror in Redis
+//! when they share one (`mirror`: the events as first sent); otherwise, or when the mirror does
+//! not come, it is followed through its row: a `ChatSnapshot` each time its stored content
+//! moves on, then the terminal event once it ends (or its log, if it turns out to stream here
+//! after all).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,7 +16,6 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 
-use super::Kept;
 use super::events::{ChatCompleted, ChatEvent, ChatFailed, ChatSnapshot};
 use super::log::ChatStream;
 use super::mirror::{Next, RemoteFollow};
@@ -29,18 +32,12 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// The events of `owner`'s answer `id` with `seq > after`; `NOT_FOUND` for anyone else's.
 pub async fn resume(app: &App, owner: UserId, id: MessageId, after: i32) -> AppResult<ChatStream> {
-    match app.streams.kept(id) {
-        Some(kept) if kept.owner() != owner => return Err(AppError::NotFound("message")),
-        Some(Kept::Live(log)) => {
-            app.metrics.resumed("live");
-            return Ok(log.subscribe(after));
+    if let Some(log) = app.streams.log(id) {
+        if log.owner() != owner {
+            return Err(AppError::NotFound("message"));
         }
-        Some(Kept::Ended { terminal, .. }) => {
-            app.metrics.resumed("ended");
-            let events = after_end(terminal, after);
-            return Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed());
-        }
-        None => {}
+        app.metrics.resumed("live");
+        return Ok(log.subscribe(after));
     }
     let read = async {
         let mut conn = app.db.get().await?;
@@ -111,7 +108,7 @@ async fn next(source: Option<Source>) -> Option<(Item, Option<Source>)> {
             return None;
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
-        if let Some(Kept::Live(log)) = follow.app.streams.kept(follow.id) {
+        if let Some(log) = follow.app.streams.log(follow.id) {
             let mut events = log.subscribe(follow.sent);
             let event = events.next().await?;
             return Some((event, Some(Source::Log(events))));

@@ -167,8 +167,8 @@ async fn an_answer_resumed_on_a_new_socket_continues_with_nothing_missing_or_rep
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn after_the_grace_period_the_stored_answer_resumes_as_a_snapshot_and_the_terminal_event() {
-    let app = spawn(|c| c.resume_grace = Duration::ZERO).await;
+async fn an_ended_answer_resumes_as_a_snapshot_and_the_terminal_event_from_the_database() {
+    let app = spawn(|_| {}).await;
     let user = user(&app).await;
     app.dify.push(Script::Long {
         deltas: 20,
