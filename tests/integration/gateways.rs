@@ -520,3 +520,113 @@ async fn concurrent_answers_are_counted_across_gateways_and_a_dead_ones_are_drop
     assert!(turn.is_some(), "the slot was given back");
     clean_redis(&prefix).await;
 }
+
+/// A Redis server of the test's own, on a free port, that the test can stop and start again.
+struct OwnRedis {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let mut redis = Self { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start");
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    async fn keys(&self) -> Vec<String> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_go_on_while_redis_is_away_and_sharing_comes_back_with_it() {
+    let mut own = OwnRedis::start().await;
+    let url = own.url();
+    let a = TestApp::spawn_with(|c| c.redis_url = Some(url.into())).await;
+    while !a.app.shared.ping().await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+    let turns_key = |keys: &[String]| keys.iter().any(|k| k.contains(":limit:turns:"));
+    let events = crate::chat::chat(&user, TRANSPORT_WS, json!({ "query": "one" })).await;
+    assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
+    assert!(turns_key(&own.keys().await), "counted in Redis");
+
+    // Redis goes away mid-answer: the answer streams on and is stored; new turns are counted here.
+    a.dify.push(Script::Long {
+        deltas: 100,
+        pause: Duration::from_millis(10),
+    });
+    let mut ws = user.ws(TRANSPORT_WS).await;
+    ws.subscribe(CHAT, json!({ "input": { "query": "two" } }))
+        .await;
+    first_event(&mut ws).await;
+    own.stop().await;
+    let mut last = Value::Null;
+    while let OpMessage::Next(payload) = ws.next_op().await {
+        last = payload["data"]["chat"].clone();
+    }
+    assert_eq!(last["message"]["status"], "COMPLETED", "{last}");
+    let events = crate::chat::chat(&user, TRANSPORT_WS, json!({ "query": "three" })).await;
+    assert_eq!(events.last().unwrap()["message"]["status"], "COMPLETED");
+
+    // Redis is back (empty): the next turns are counted there again.
+    own.restart().await;
+    let mut shared_again = false;
+    for _ in 0..50 {
+        crate::chat::chat(&user, TRANSPORT_WS, json!({ "query": "again" })).await;
+        if turns_key(&own.keys().await) {
+            shared_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(shared_again, "limits are counted in Redis again");
+    own.stop().await;
+}
