@@ -283,7 +283,6 @@ async fn limits_hold_across_gateways_through_redis() {
     );
 
     // Turns: one on each gateway, the third refused on either.
-    let token = user.token.as_deref().unwrap();
     for ws in [user.ws(TRANSPORT_WS).await, b.ws(&user).await] {
         let mut ws = ws;
         ws.subscribe(CHAT, json!({ "input": { "query": "q" } }))
@@ -298,7 +297,6 @@ async fn limits_hold_across_gateways_through_redis() {
         error_code(&third.collect().await.expect_err("limited")),
         "RATE_LIMITED"
     );
-    let _ = token;
     clean_redis(&prefix).await;
 }
 
