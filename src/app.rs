@@ -156,7 +156,7 @@ impl App {
             config,
         }));
         crate::auth::sessions::spawn_watch(&app);
-        crate::shared::listen(&app);
+        crate::shared::act_on_signals(&app);
         Ok(app)
     }
 

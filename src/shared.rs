@@ -223,7 +223,7 @@ impl Shared {
 /// Acts on the signals of other gateways for as long as the app lives: a stop for an answer
 /// relayed here stops it; an account or app change refreshes what is cached here (and an
 /// account's sockets re-check their sessions).
-pub fn listen(app: &crate::App) {
+pub fn act_on_signals(app: &crate::App) {
     let weak = app.downgrade();
     app.shared.listen(move |signal| {
         let Some(app) = weak.upgrade() else { return };

@@ -344,28 +344,15 @@ pub struct StoredAnswer {
 }
 
 /// Answers still STREAMING whose last write is older than `stale_after` belong to a gateway that
-/// died: they become INTERRUPTED with what was saved, and the error `interrupted`. Safe with several gateways on one
-/// database, because a live stream writes at least every `HEARTBEAT`.
+/// died: they become INTERRUPTED with what was saved, and the error `interrupted`. Safe with
+/// several gateways on one database, because a live stream writes at least every `HEARTBEAT`.
 pub async fn sweep_interrupted(
     conn: &mut AsyncMysqlConnection,
     stale_after: std::time::Duration,
 ) -> QueryResult<usize> {
     let cutoff =
         now() - chrono::Duration::from_std(stale_after).unwrap_or(chrono::Duration::minutes(2));
-    diesel::update(
-        messages::table
-            .filter(messages::status.eq(MessageStatus::Streaming))
-            .filter(messages::updated_at.lt(cutoff)),
-    )
-    .set((
-        messages::status.eq(MessageStatus::Interrupted),
-        messages::error.eq(INTERRUPTED_ERROR),
-        // The INTERRUPTED answer's terminal event, sent to whoever resumes it, is the next one.
-        messages::last_seq.eq(sql::<Nullable<Integer>>("COALESCE(last_seq, 0) + 1")),
-        messages::updated_at.eq(now()),
-    ))
-    .execute(conn)
-    .await
+    interrupt(conn, Dead::WrittenBefore(cutoff)).await
 }
 
 /// The answers STREAMING in `gateway`, whose lease expired: it died, and they become
@@ -374,19 +361,31 @@ pub async fn interrupt_gateway(
     conn: &mut AsyncMysqlConnection,
     gateway: crate::gateways::GatewayId,
 ) -> QueryResult<usize> {
-    diesel::update(
-        messages::table
-            .filter(messages::gateway_id.eq(gateway))
-            .filter(messages::status.eq(MessageStatus::Streaming)),
-    )
-    .set((
-        messages::status.eq(MessageStatus::Interrupted),
-        messages::error.eq(INTERRUPTED_ERROR),
-        messages::last_seq.eq(sql::<Nullable<Integer>>("COALESCE(last_seq, 0) + 1")),
-        messages::updated_at.eq(now()),
-    ))
-    .execute(conn)
-    .await
+    interrupt(conn, Dead::RelayedBy(gateway)).await
+}
+
+/// Which STREAMING answers belong to a gateway that died.
+enum Dead {
+    WrittenBefore(chrono::NaiveDateTime),
+    RelayedBy(crate::gateways::GatewayId),
+}
+
+async fn interrupt(conn: &mut AsyncMysqlConnection, dead: Dead) -> QueryResult<usize> {
+    let update = diesel::update(messages::table)
+        .filter(messages::status.eq(MessageStatus::Streaming))
+        .set((
+            messages::status.eq(MessageStatus::Interrupted),
+            messages::error.eq(INTERRUPTED_ERROR),
+            // The INTERRUPTED answer's terminal event, sent to whoever resumes it, is the next.
+            messages::last_seq.eq(sql::<Nullable<Integer>>("COALESCE(last_seq, 0) + 1")),
+            messages::updated_at.eq(now()),
+        ))
+        .into_boxed();
+    let update = match dead {
+        Dead::WrittenBefore(cutoff) => update.filter(messages::updated_at.lt(cutoff)),
+        Dead::RelayedBy(gateway) => update.filter(messages::gateway_id.eq(gateway)),
+    };
+    update.execute(conn).await
 }
 
 /// The stored error of an answer whose gateway went away mid-stream.

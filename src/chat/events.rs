@@ -70,16 +70,7 @@ impl ChatEvent {
 
     /// The last event of an answer.
     pub fn is_terminal(&self) -> bool {
-        self.final_message().is_some()
-    }
-
-    /// The answer as stored, carried by the terminal event.
-    pub fn final_message(&self) -> Option<&Message> {
-        match self {
-            Self::ChatCompleted(e) => Some(&e.message),
-            Self::ChatFailed(e) => Some(&e.message),
-            _ => None,
-        }
+        matches!(self, Self::ChatCompleted(_) | Self::ChatFailed(_))
     }
 
     /// Roughly the bytes this event takes while it waits for its subscriber: its text plus a

@@ -158,32 +158,25 @@ impl Follow {
             return;
         }
         self.ended = true;
-        self.queue
-            .extend(after_end(stored_terminal(record), self.sent));
+        self.queue.extend(ended_events(record, self.sent));
     }
 }
 
-/// What a subscriber that has the events up to `after` misses of an ended answer: a snapshot of
-/// everything before the terminal event (unless it has all of that), then the terminal event.
-fn after_end(terminal: Arc<ChatEvent>, after: i32) -> Vec<Arc<ChatEvent>> {
-    let seq = terminal.seq_number();
+/// What a subscriber that has the events up to `after` misses of an ended answer, from its row:
+/// a snapshot of everything before the terminal event (unless it has all of that), then the
+/// terminal event.
+fn ended_events(record: MessageRecord, after: i32) -> Vec<Arc<ChatEvent>> {
+    // Rows stored before resumable streams have no `last_seq`: their terminal event counts as 1.
+    let seq = record.last_seq.unwrap_or(1).max(1);
+    let message = Message::from(record);
     let mut events = Vec::new();
-    if after < seq - 1
-        && let Some(message) = terminal.final_message()
-    {
+    if after < seq - 1 {
         events.push(Arc::new(snapshot(message.clone(), seq - 1)));
     }
     if after < seq {
-        events.push(terminal);
+        events.push(Arc::new(terminal(message, seq)));
     }
     events
-}
-
-/// The terminal event of an ended answer, from its row.
-fn stored_terminal(record: MessageRecord) -> Arc<ChatEvent> {
-    // Rows stored before resumable streams have no `last_seq`: their terminal event counts as 1.
-    let seq = record.last_seq.unwrap_or(1).max(1);
-    Arc::new(terminal(Message::from(record), seq))
 }
 
 fn snapshot(message: Message, seq: i32) -> ChatEvent {
@@ -232,10 +225,6 @@ mod tests {
         record.last_seq = last_seq;
         record.error = error.map(str::to_owned);
         record
-    }
-
-    fn ended_events(record: MessageRecord, after: i32) -> Vec<Arc<ChatEvent>> {
-        after_end(stored_terminal(record), after)
     }
 
     fn shape(events: &[Arc<ChatEvent>]) -> Vec<(&'static str, i32)> {
