@@ -29,6 +29,8 @@ pub struct Inner {
     pub writer_db: Db,
     /// The write-behind writer of live answers.
     pub writer: Writer,
+    /// Checks and saves chat turns (new conversations' first turns in batches).
+    pub turns: crate::chat::turns::Turns,
     pub metrics: Arc<Metrics>,
     /// The connected Dify apps, as recently read.
     pub app_cache: crate::apps::AppCache,
@@ -140,6 +142,7 @@ impl App {
                 Duration::from_secs(10),
                 config.dify_read_timeout,
             ),
+            turns: crate::chat::turns::Turns::spawn(pool.clone(), metrics.clone()),
             db: pool,
             writer_db,
             writer,

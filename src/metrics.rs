@@ -16,7 +16,8 @@ pub struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResumeLabels {
-    /// `live` (from the answer's log), `ended` (kept after it ended here) or `stored` (its row).
+    /// `live` (from the answer's log here), `mirror` (through Redis, from another gateway) or
+    /// `stored` (its row).
     pub from: &'static str,
 }
 
@@ -39,6 +40,10 @@ pub struct Metrics {
     pub writer_lag_seconds: Histogram,
     /// Seconds spent waiting for a pooled MySQL connection.
     pub pool_wait_seconds: Histogram,
+    /// Seconds from a `chat` request to its turn being saved (before Dify is called), and the
+    /// new conversations' first turns saved per batch.
+    pub turn_start_seconds: Histogram,
+    pub turn_save_batch: Histogram,
     /// Answers ended, by outcome.
     pub outcomes: Family<OutcomeLabels, Counter>,
     /// Subscriptions that resumed an answer (`resumeChat`, idempotent retries), by source.
@@ -60,6 +65,8 @@ impl Default for Metrics {
             writer_failures: Counter::default(),
             writer_lag_seconds: seconds(),
             pool_wait_seconds: seconds(),
+            turn_start_seconds: seconds(),
+            turn_save_batch: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             outcomes: Family::default(),
             resumes: Family::default(),
             registry: Registry::with_prefix("rechat"),
@@ -114,6 +121,16 @@ impl Default for Metrics {
             "pool_wait_seconds",
             "Time spent waiting for a MySQL connection from a pool",
             metrics.pool_wait_seconds.clone(),
+        );
+        registry.register(
+            "turn_start_seconds",
+            "Time from a chat request to its turn being saved, before Dify is called",
+            metrics.turn_start_seconds.clone(),
+        );
+        registry.register(
+            "turn_save_batch",
+            "New conversations' first turns saved together in one transaction",
+            metrics.turn_save_batch.clone(),
         );
         registry.register(
             "answers",

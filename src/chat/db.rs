@@ -37,7 +37,16 @@ pub enum BeginError {
     },
     /// Another turn with the same `clientMessageId` was saved meanwhile (two sends racing).
     ClientMessageIdTaken,
+    /// No connection to be had, or MySQL did not answer in time.
+    Pool(crate::db::PoolError),
+    Unavailable,
     Db(diesel::result::Error),
+}
+
+impl From<crate::db::PoolError> for BeginError {
+    fn from(error: crate::db::PoolError) -> Self {
+        Self::Pool(error)
+    }
 }
 
 impl From<diesel::result::Error> for BeginError {
@@ -78,142 +87,205 @@ pub struct Starter {
 }
 
 /// What a turn's `choose` decided: the app, and the user message's attachments (JSON).
+#[derive(Debug, Clone)]
 pub struct Chosen {
     pub app: AppId,
     pub question_files: Option<String>,
 }
 
-/// Everything a turn needs before Dify is called, in one transaction on one connection: the
-/// account, its token quota, the conversation's owner and an earlier turn with the same
-/// `client_message_id` (a retry: nothing new is saved) checked in one query, then the turn's
-/// app chosen by `choose` (given the conversation's app, `None` for a new conversation; it may
-/// refuse the turn), then the conversation (created on a first turn), the user's message and an
-/// empty STREAMING answer.
-pub async fn begin_turn(
+/// A saved turn: its conversation, the user's message and the empty STREAMING answer.
+pub type SavedTurn = (ConversationRecord, MessageRecord, MessageRecord);
+
+/// Whether `starter` may take a turn, in one query: the account (active, its session's token
+/// version), its token quota, the conversation's owner when `existing` is set, and an earlier
+/// turn of the owner with the same `client_message_id` (a retry: [`BeginError::Replay`], and
+/// nothing new is saved). The conversation when it is the owner's.
+pub async fn check_turn(
     conn: &mut AsyncMysqlConnection,
     starter: Starter,
     existing: Option<ConversationId>,
     query: &str,
     client_message_id: Option<&str>,
-    choose: impl FnOnce(Option<Option<AppId>>) -> Result<Chosen, crate::error::AppError> + Send,
-) -> Result<(ConversationRecord, MessageRecord, MessageRecord), BeginError> {
-    let Starter {
-        owner,
-        token_version,
-        default_quota,
-        gateway,
-    } = starter;
+) -> Result<Option<ConversationRecord>, BeginError> {
     let period = quota::period_start(now());
-    conn.transaction(async |conn| {
-        let used_this_period = sql::<Nullable<BigInt>>(
-            "(SELECT total_tokens FROM token_usage \
-              WHERE token_usage.user_id = users.id AND token_usage.period_start = ",
+    let used_this_period = sql::<Nullable<BigInt>>(
+        "(SELECT total_tokens FROM token_usage \
+          WHERE token_usage.user_id = users.id AND token_usage.period_start = ",
+    )
+    .bind::<Date, _>(period)
+    .sql(")");
+    let (active, version, quota, quota_set, used, found, earlier): TurnCheck = users::table
+        .left_join(
+            conversations::table.on(conversations::user_id
+                .eq(users::id)
+                .and(conversations::id.nullable().eq(existing))),
         )
-        .bind::<Date, _>(period)
-        .sql(")");
-        let (active, version, quota, quota_set, used, found, earlier): TurnCheck = users::table
-            .left_join(
-                conversations::table.on(conversations::user_id
-                    .eq(users::id)
-                    .and(conversations::id.nullable().eq(existing))),
-            )
-            .left_join(
-                messages::table.on(messages::client_owner_id
-                    .eq(users::id.nullable())
-                    .and(messages::client_message_id.eq(client_message_id))),
-            )
-            .filter(users::id.eq(owner))
-            .select((
-                users::is_active,
-                users::token_version,
-                users::token_quota,
-                users::token_quota_set,
-                used_this_period,
-                Option::<ConversationRecord>::as_select(),
-                (messages::id, messages::conversation_id, messages::content).nullable(),
-            ))
+        .left_join(
+            messages::table.on(messages::client_owner_id
+                .eq(users::id.nullable())
+                .and(messages::client_message_id.eq(client_message_id))),
+        )
+        .filter(users::id.eq(starter.owner))
+        .select((
+            users::is_active,
+            users::token_version,
+            users::token_quota,
+            users::token_quota_set,
+            used_this_period,
+            Option::<ConversationRecord>::as_select(),
+            (messages::id, messages::conversation_id, messages::content).nullable(),
+        ))
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(BeginError::SessionInvalid)?;
+    if !active || version != starter.token_version {
+        return Err(BeginError::SessionInvalid);
+    }
+    if let Some((question, conversation, earlier_query)) = earlier {
+        let answer = messages::table
+            .filter(messages::conversation_id.eq(conversation))
+            .filter(messages::id.gt(question))
+            .filter(messages::role.eq(MessageRole::Assistant))
+            .order(messages::id.asc())
+            .select(messages::id)
             .first(conn)
-            .await
-            .optional()?
-            .ok_or(BeginError::SessionInvalid)?;
-        if !active || version != token_version {
-            return Err(BeginError::SessionInvalid);
+            .await?;
+        return Err(BeginError::Replay {
+            answer,
+            same_query: earlier_query == query,
+        });
+    }
+    if let Some(quota) = quota::effective(quota, quota_set, starter.default_quota)
+        && used.unwrap_or(0).max(0) as u64 >= quota
+    {
+        return Err(BeginError::QuotaExceeded(quota::period_end(period)));
+    }
+    if existing.is_some() && found.is_none() {
+        return Err(BeginError::ConversationNotFound);
+    }
+    Ok(found)
+}
+
+/// A new conversation's first turn, not saved yet (see `Turns`, which saves these in batches).
+pub fn first_turn(
+    starter: Starter,
+    query: &str,
+    client_message_id: Option<&str>,
+    chosen: Chosen,
+) -> SavedTurn {
+    let at = now();
+    let conversation = ConversationRecord {
+        id: ConversationId::new(),
+        user_id: starter.owner,
+        title: title_from_query(query),
+        is_archived: false,
+        is_pinned: false,
+        dify_conversation_id: None,
+        message_count: 2,
+        created_at: at,
+        updated_at: at,
+        app_id: Some(chosen.app),
+    };
+    let (question, answer) = turn_messages(
+        &conversation,
+        starter,
+        query,
+        client_message_id,
+        chosen.question_files,
+    );
+    (conversation, question, answer)
+}
+
+/// The user's message and the empty STREAMING answer of a turn in `conversation`.
+fn turn_messages(
+    conversation: &ConversationRecord,
+    starter: Starter,
+    query: &str,
+    client_message_id: Option<&str>,
+    question_files: Option<String>,
+) -> (MessageRecord, MessageRecord) {
+    let mut question = MessageRecord::new(
+        conversation.id,
+        MessageRole::User,
+        query.to_owned(),
+        MessageStatus::Completed,
+    );
+    question.files = question_files;
+    if let Some(key) = client_message_id {
+        question.client_message_id = Some(key.to_owned());
+        question.client_owner_id = Some(starter.owner);
+    }
+    let mut answer = MessageRecord::new(
+        conversation.id,
+        MessageRole::Assistant,
+        String::new(),
+        MessageStatus::Streaming,
+    );
+    answer.gateway_id = Some(starter.gateway);
+    (question, answer)
+}
+
+/// Saves new conversations' first turns in one transaction: one multi-row insert per table.
+pub async fn insert_first_turns(
+    conn: &mut AsyncMysqlConnection,
+    turns: &[&SavedTurn],
+) -> QueryResult<()> {
+    conn.transaction(async |conn| {
+        let conversations: Vec<_> = turns
+            .iter()
+            .map(|(conversation, ..)| conversation)
+            .collect();
+        diesel::insert_into(conversations::table)
+            .values(conversations)
+            .execute(conn)
+            .await?;
+        let messages: Vec<_> = turns
+            .iter()
+            .flat_map(|(_, question, answer)| [question, answer])
+            .collect();
+        diesel::insert_into(messages::table)
+            .values(messages)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A later turn of `conversation`, in one transaction on one connection: the checks of
+/// [`check_turn`], then the turn's app chosen by `choose` (given the conversation's app; it
+/// may refuse the turn), then the conversation locked and touched, refused if an answer still
+/// streams in it, and the user's message and an empty STREAMING answer saved.
+pub async fn begin_next_turn(
+    conn: &mut AsyncMysqlConnection,
+    starter: Starter,
+    conversation: ConversationId,
+    query: &str,
+    client_message_id: Option<&str>,
+    choose: impl FnOnce(Option<Option<AppId>>) -> Result<Chosen, crate::error::AppError> + Send,
+) -> Result<SavedTurn, BeginError> {
+    conn.transaction(async |conn| {
+        let mut conversation =
+            check_turn(conn, starter, Some(conversation), query, client_message_id)
+                .await?
+                .ok_or(BeginError::ConversationNotFound)?;
+        let chosen = choose(Some(conversation.app_id)).map_err(BeginError::Refused)?;
+        // Locks the conversation until the turn is saved: a second turn sent at the same time
+        // waits here, then finds this one's answer streaming.
+        conversations_db::touch(conn, conversation.id, 2).await?;
+        if let Some(active) = active_answer(conn, conversation.id, true).await? {
+            return Err(BeginError::TurnInProgress(active));
         }
-        if let Some((question, conversation, earlier_query)) = earlier {
-            let answer = messages::table
-                .filter(messages::conversation_id.eq(conversation))
-                .filter(messages::id.gt(question))
-                .filter(messages::role.eq(MessageRole::Assistant))
-                .order(messages::id.asc())
-                .select(messages::id)
-                .first(conn)
-                .await?;
-            return Err(BeginError::Replay {
-                answer,
-                same_query: earlier_query == query,
-            });
-        }
-        if let Some(quota) = quota::effective(quota, quota_set, default_quota)
-            && used.unwrap_or(0).max(0) as u64 >= quota
-        {
-            return Err(BeginError::QuotaExceeded(quota::period_end(period)));
-        }
-        if existing.is_some() && found.is_none() {
-            return Err(BeginError::ConversationNotFound);
-        }
-        let Chosen {
-            app,
-            question_files,
-        } = choose(found.as_ref().map(|c| c.app_id)).map_err(BeginError::Refused)?;
-        let at = now();
-        let conversation = match (existing, found) {
-            (Some(_), None) => return Err(BeginError::ConversationNotFound),
-            (Some(_), Some(mut conversation)) => {
-                // Locks the conversation until the turn is saved: a second turn sent at the same
-                // time waits here, then finds this one's answer streaming.
-                conversations_db::touch(conn, conversation.id, 2).await?;
-                if let Some(active) = active_answer(conn, conversation.id, true).await? {
-                    return Err(BeginError::TurnInProgress(active));
-                }
-                conversation.message_count += 2;
-                conversation.updated_at = at;
-                conversation
-            }
-            (None, _) => {
-                let conversation = ConversationRecord {
-                    id: ConversationId::new(),
-                    user_id: owner,
-                    title: title_from_query(query),
-                    is_archived: false,
-                    is_pinned: false,
-                    dify_conversation_id: None,
-                    message_count: 2,
-                    created_at: at,
-                    updated_at: at,
-                    app_id: Some(app),
-                };
-                conversations_db::insert(conn, &conversation).await?;
-                conversation
-            }
-        };
-        let mut question = MessageRecord::new(
-            conversation.id,
-            MessageRole::User,
-            query.to_owned(),
-            MessageStatus::Completed,
+        conversation.message_count += 2;
+        conversation.updated_at = now();
+        let (question, answer) = turn_messages(
+            &conversation,
+            starter,
+            query,
+            client_message_id,
+            chosen.question_files,
         );
-        question.files = question_files;
-        if let Some(key) = client_message_id {
-            question.client_message_id = Some(key.to_owned());
-            question.client_owner_id = Some(owner);
-        }
-        let mut answer = MessageRecord::new(
-            conversation.id,
-            MessageRole::Assistant,
-            String::new(),
-            MessageStatus::Streaming,
-        );
-        answer.gateway_id = Some(gateway);
         conversations_db::insert_messages(conn, &[question.clone(), answer.clone()]).await?;
         Ok((conversation, question, answer))
     })
@@ -364,13 +436,23 @@ pub async fn interrupt_gateway(
     interrupt(conn, Dead::RelayedBy(gateway)).await
 }
 
-/// Which STREAMING answers belong to a gateway that died.
-enum Dead {
-    WrittenBefore(chrono::NaiveDateTime),
-    RelayedBy(crate::gateways::GatewayId),
+/// Answers saved for chats that went away before their relay started (see `Turns`): nobody
+/// streams them, and they become INTERRUPTED as in [`sweep_interrupted`], at once.
+pub async fn interrupt_abandoned(
+    conn: &mut AsyncMysqlConnection,
+    answers: &[MessageId],
+) -> QueryResult<usize> {
+    interrupt(conn, Dead::Abandoned(answers)).await
 }
 
-async fn interrupt(conn: &mut AsyncMysqlConnection, dead: Dead) -> QueryResult<usize> {
+/// Which STREAMING answers nobody relays any more.
+enum Dead<'a> {
+    WrittenBefore(chrono::NaiveDateTime),
+    RelayedBy(crate::gateways::GatewayId),
+    Abandoned(&'a [MessageId]),
+}
+
+async fn interrupt(conn: &mut AsyncMysqlConnection, dead: Dead<'_>) -> QueryResult<usize> {
     let update = diesel::update(messages::table)
         .filter(messages::status.eq(MessageStatus::Streaming))
         .set((
@@ -384,6 +466,7 @@ async fn interrupt(conn: &mut AsyncMysqlConnection, dead: Dead) -> QueryResult<u
     let update = match dead {
         Dead::WrittenBefore(cutoff) => update.filter(messages::updated_at.lt(cutoff)),
         Dead::RelayedBy(gateway) => update.filter(messages::gateway_id.eq(gateway)),
+        Dead::Abandoned(answers) => update.filter(messages::id.eq_any(answers)),
     };
     update.execute(conn).await
 }

@@ -110,6 +110,7 @@ fn with_workflow_query(
 
 /// Checks everything, saves the turn and spawns the relay; the stream is the relay's events.
 async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
+    let started = std::time::Instant::now();
     let app = ctx.app().clone();
     let viewer = ctx.user()?;
     let query = input.query.trim().to_owned();
@@ -197,7 +198,6 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
         let files =
             TurnFiles::load(&app, viewer.id, input.files.unwrap_or_default(), "files").await?;
         let input_files = TurnFiles::load(&app, viewer.id, input_files(&inputs), "inputs").await?;
-        let mut conn = app.db.get().await?;
         let mut retried = false;
         loop {
             let mut chosen = None;
@@ -219,15 +219,16 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                         .flatten(),
                 })
             };
-            let began = super::db::begin_turn(
-                &mut conn,
-                starter,
-                conversation_id,
-                &query,
-                client_message_id.as_deref(),
-                choose,
-            )
-            .await;
+            let began = app
+                .turns
+                .begin(
+                    starter,
+                    conversation_id,
+                    &query,
+                    client_message_id.as_deref(),
+                    choose,
+                )
+                .await;
             let error = match began {
                 Ok(turn) => {
                     let (dify, dify_files, inputs) = chosen.expect("a turn that began has its app");
@@ -260,6 +261,8 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 BeginError::TurnInProgress(active) => AppError::TurnInProgress { active },
                 BeginError::ClientMessageIdTaken => CLIENT_MESSAGE_ID_REUSED,
                 BeginError::Replay { .. } => unreachable!("returned above"),
+                BeginError::Pool(error) => error.into(),
+                BeginError::Unavailable => AppError::Unavailable,
                 BeginError::Db(error) => error.into(),
             });
         }
@@ -277,6 +280,9 @@ async fn start(ctx: &Context<'_>, input: ChatInput) -> AppResult<ChatStream> {
                 inputs,
                 saved,
             } = *turn;
+            app.metrics
+                .turn_start_seconds
+                .observe(started.elapsed().as_secs_f64());
             (dify, dify_files, inputs, saved)
         }
         Began::Replay { answer, same_query } => {

@@ -9,6 +9,7 @@ pub mod log;
 pub mod mirror;
 pub mod relay;
 pub mod resume;
+pub mod turns;
 pub mod writer;
 
 use std::collections::HashMap;

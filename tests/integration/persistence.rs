@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rechat::chat::db::{Chosen, Starter, begin_turn};
+use rechat::chat::db::{Chosen, Starter};
 use rechat::conversations::domain::MessageId;
 use rechat::dify::events::Ids;
 use serde_json::json;
@@ -19,45 +19,20 @@ use crate::harness::{TestApp, db::server_url};
 async fn the_writer_batches_every_live_answer_into_a_few_statements() {
     // No background tick: this test drives the writer by hand.
     let app = TestApp::spawn_with(|c| c.flush_interval = Duration::from_secs(3600)).await;
-    let user = app.register("writer@example.com").await;
-    app.configure_dify(&user, "chat").await;
-    let default_app = app
-        .app
-        .apps()
-        .await
-        .unwrap()
-        .default_app()
-        .unwrap()
-        .record
-        .id;
-    let session = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
-    let starter = Starter {
-        owner: session.user,
-        token_version: session.token_version,
-        default_quota: None,
-        gateway: app.app.gateway,
-    };
+    let (starter, chosen) = starter(&app, "writer@example.com").await;
     let mut answers = Vec::new();
-    let mut conn = app.app.db.get().await.unwrap();
     for i in 0..600 {
-        let (conversation, _, answer) = begin_turn(
-            &mut conn,
-            starter,
-            None,
-            &format!("question {i}"),
-            None,
-            |_| {
-                Ok(Chosen {
-                    app: default_app,
-                    question_files: None,
-                })
-            },
-        )
-        .await
-        .unwrap();
+        let chosen = chosen.clone();
+        let (conversation, _, answer) = app
+            .app
+            .turns
+            .begin(starter, None, &format!("question {i}"), None, |_| {
+                Ok(chosen)
+            })
+            .await
+            .unwrap();
         answers.push((conversation.id, answer.id));
     }
-    drop(conn);
 
     let writer = &app.app.writer;
     let statements = || app.app.metrics.writer_statements.get();
@@ -116,6 +91,111 @@ async fn the_writer_batches_every_live_answer_into_a_few_statements() {
         .await,
         "final"
     );
+}
+
+/// The one who starts turns in `app`'s tests, on its default app.
+async fn starter(app: &TestApp, email: &str) -> (Starter, Chosen) {
+    let user = app.register(email).await;
+    app.configure_dify(&user, "chat").await;
+    let default_app = app
+        .app
+        .apps()
+        .await
+        .unwrap()
+        .default_app()
+        .unwrap()
+        .record
+        .id;
+    let session = app.app.keys.verify(user.token.as_deref().unwrap()).unwrap();
+    let starter = Starter {
+        owner: session.user,
+        token_version: session.token_version,
+        default_quota: None,
+        gateway: app.app.gateway,
+    };
+    let chosen = Chosen {
+        app: default_app,
+        question_files: None,
+    };
+    (starter, chosen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_turns_are_saved_in_batches_and_a_refused_one_fails_alone() {
+    use rechat::chat::db::BeginError;
+    let app = TestApp::spawn().await;
+    let (starter, chosen) = starter(&app, "batches@example.com").await;
+    // 40 new conversations at once; the first two share a clientMessageId.
+    let begins = (0..40).map(|i| {
+        let key = (i < 2).then_some("dup");
+        let chosen = chosen.clone();
+        let query = format!("question {i}");
+        let turns = &app.app.turns;
+        async move {
+            turns
+                .begin(starter, None, &query, key, move |_| Ok(chosen))
+                .await
+        }
+    });
+    let outcomes = futures::future::join_all(begins).await;
+    assert!(outcomes[2..].iter().all(Result::is_ok), "{outcomes:?}");
+    match (&outcomes[0], &outcomes[1]) {
+        (Ok(_), Err(lost)) | (Err(lost), Ok(_)) => assert!(
+            matches!(
+                lost,
+                BeginError::ClientMessageIdTaken | BeginError::Replay { .. }
+            ),
+            "{lost:?}"
+        ),
+        other => panic!("one of the two must win: {other:?}"),
+    }
+    let count = |sql| first(&app, sql);
+    assert_eq!(
+        count("SELECT CAST(COUNT(*) AS CHAR) AS value FROM conversations").await,
+        "39"
+    );
+    assert_eq!(
+        count("SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages").await,
+        "78"
+    );
+    // Fewer transactions than turns: turns handed over during a save wait for the next one.
+    let metrics = app.get_text("/metrics").await;
+    let batches: u32 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("rechat_turn_save_batch_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    assert!((1..40).contains(&batches), "{batches} batches for 40 turns");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_whose_chat_went_away_during_its_save_is_not_left_streaming() {
+    let (proxy, app) = behind_proxy(|_| {}).await;
+    let (starter, chosen) = starter(&app, "gone@example.com").await;
+    // The database freezes once the turn is checked: its save hangs, and the chat gives up.
+    let begin = app.app.turns.begin(starter, None, "anyone?", None, |_| {
+        proxy.freeze();
+        Ok(chosen)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), begin)
+            .await
+            .is_err()
+    );
+    proxy.thaw();
+    // Saved once the database is back, with no relay to stream it: INTERRUPTED at once, not
+    // STREAMING until the sweeper finds it stale.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = app
+            .sql_strings("SELECT status AS value FROM messages WHERE role = 'ASSISTANT'")
+            .await;
+        if status == ["INTERRUPTED"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -429,7 +429,7 @@ async fn an_answer_streaming_in_another_gateway_is_followed_through_its_stored_r
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_unique_key_decides_between_two_turns_racing_with_one_client_message_id() {
-    use rechat::chat::db::{BeginError, Chosen, Starter, begin_turn};
+    use rechat::chat::db::{BeginError, Chosen, Starter};
     let app = spawn(|_| {}).await;
     let user = user(&app).await;
     let default_app = app
@@ -454,14 +454,11 @@ async fn the_unique_key_decides_between_two_turns_racing_with_one_client_message
             question_files: None,
         })
     };
-    // Two transactions on two connections, each past its check before either inserts.
-    let (mut a, mut b) = (
-        app.app.db.get().await.unwrap(),
-        app.app.db.get().await.unwrap(),
-    );
+    // Both past their check before either is saved (in one batch, or one after the other).
+    let turns = &app.app.turns;
     let (first, second) = tokio::join!(
-        begin_turn(&mut a, starter, None, "q", Some("k"), choose),
-        begin_turn(&mut b, starter, None, "q", Some("k"), choose),
+        turns.begin(starter, None, "q", Some("k"), choose),
+        turns.begin(starter, None, "q", Some("k"), choose),
     );
     let (won, lost) = match (first, second) {
         (Ok(turn), Err(error)) | (Err(error), Ok(turn)) => (turn, error),
@@ -477,7 +474,7 @@ async fn the_unique_key_decides_between_two_turns_racing_with_one_client_message
     }
     // Sent again afterwards: the winner's answer, and whether the query matches.
     for (query, same) in [("q", true), ("another", false)] {
-        match begin_turn(&mut a, starter, None, query, Some("k"), choose).await {
+        match turns.begin(starter, None, query, Some("k"), choose).await {
             Err(BeginError::Replay { answer, same_query }) => {
                 assert_eq!((answer, same_query), (won.2.id, same));
             }
@@ -496,7 +493,8 @@ async fn the_unique_key_decides_between_two_turns_racing_with_one_client_message
         ..starter
     };
     assert!(
-        begin_turn(&mut a, starter, None, "q", Some("k"), choose)
+        turns
+            .begin(starter, None, "q", Some("k"), choose)
             .await
             .is_ok()
     );
