@@ -29,6 +29,8 @@ pub struct Inner {
     pub writer_db: Db,
     /// The write-behind writer of live answers.
     pub writer: Writer,
+    /// Final writes of answers, batched.
+    pub finals: crate::chat::finals::Finals,
     /// Checks and saves chat turns (new conversations' first turns in batches).
     pub turns: crate::chat::turns::Turns,
     pub metrics: Arc<Metrics>,
@@ -143,6 +145,7 @@ impl App {
                 config.dify_read_timeout,
             ),
             turns: crate::chat::turns::Turns::spawn(pool.clone(), metrics.clone()),
+            finals: crate::chat::finals::Finals::spawn(writer_db.clone(), metrics.clone()),
             db: pool,
             writer_db,
             writer,

@@ -108,8 +108,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = rechat::App::build(config).await?;
     // Its first sweep runs at once: answers a previous run left STREAMING become INTERRUPTED.
     rechat::chat::spawn_sweeper(app.clone());
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
+    let listener = rechat::http::listen(address)
         .with_context(|| format!("listening on {address} (set HOST and PORT)"))?;
     tracing::info!("rechat listening on http://{address} — GraphiQL at http://{address}/graphql");
     rechat::http::serve(listener, app.clone(), shutdown_signal())

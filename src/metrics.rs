@@ -44,6 +44,8 @@ pub struct Metrics {
     /// new conversations' first turns saved per batch.
     pub turn_start_seconds: Histogram,
     pub turn_save_batch: Histogram,
+    /// Answers whose final writes went to the database together.
+    pub final_write_batch: Histogram,
     /// Answers ended, by outcome.
     pub outcomes: Family<OutcomeLabels, Counter>,
     /// Subscriptions that resumed an answer (`resumeChat`, idempotent retries), by source.
@@ -67,6 +69,7 @@ impl Default for Metrics {
             pool_wait_seconds: seconds(),
             turn_start_seconds: seconds(),
             turn_save_batch: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            final_write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             outcomes: Family::default(),
             resumes: Family::default(),
             registry: Registry::with_prefix("rechat"),
@@ -131,6 +134,11 @@ impl Default for Metrics {
             "turn_save_batch",
             "New conversations' first turns saved together in one transaction",
             metrics.turn_save_batch.clone(),
+        );
+        registry.register(
+            "final_write_batch",
+            "Answers whose final writes went to the database together",
+            metrics.final_write_batch.clone(),
         );
         registry.register(
             "answers",

@@ -1,7 +1,9 @@
 //! Chat persistence: the turn written before Dify is called, the final write, and the sweep of
 //! answers whose gateway went away. Partial answers are written behind by `writer`.
 
-use diesel::dsl::{case_when, sql};
+use std::collections::HashMap;
+
+use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Date, Integer, Nullable, Varchar};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
@@ -324,10 +326,12 @@ pub async fn request_stop(conn: &mut AsyncMysqlConnection, id: MessageId) -> Que
     .map(drop)
 }
 
-/// Everything the final write stores.
+/// Everything the final write of an answer stores.
 #[derive(Debug, Clone)]
-pub struct FinalAnswer<'a> {
-    pub content: &'a str,
+pub struct FinalAnswer {
+    pub id: MessageId,
+    pub conversation: ConversationId,
+    pub content: String,
     /// The `seq` of the terminal event.
     pub last_seq: i32,
     pub status: MessageStatus,
@@ -338,71 +342,127 @@ pub struct FinalAnswer<'a> {
     pub files: Option<String>,
     /// Dify's ids, also handed to the writer earlier; written here so the final row has them
     /// whatever became of that write.
-    pub dify_message_id: Option<&'a str>,
-    pub dify_task_id: Option<&'a str>,
-    pub dify_workflow_run_id: Option<&'a str>,
+    pub dify_message_id: Option<String>,
+    pub dify_task_id: Option<String>,
+    pub dify_workflow_run_id: Option<String>,
     /// The Dify conversation to keep on the conversation, if it has none yet.
-    pub dify_conversation_id: Option<&'a str>,
+    pub dify_conversation_id: Option<String>,
     /// Dify's `total_tokens`, settled against the owner's quota by the writer.
     pub tokens: u64,
 }
 
-/// Writes the answer once at the end, in three statements and no transaction: each is
-/// idempotent, so a retry after a failure in between repeats them all. A stop requested from any
-/// process turns COMPLETED into STOPPED. `None` when the message is gone (its conversation was
-/// deleted meanwhile). Reads back only what the database decided, not the content just sent.
+impl FinalAnswer {
+    /// About the bytes its write sends.
+    pub fn bytes(&self) -> usize {
+        let text = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        self.content.len()
+            + text(&self.usage)
+            + text(&self.retriever_resources)
+            + text(&self.agent_thoughts)
+            + text(&self.files)
+            + 256
+    }
+}
+
+/// Writes answers at their end, in three statements whatever their number and no transaction:
+/// each is idempotent, so a retry after a failure in between repeats them all. A stop requested
+/// from any process turns COMPLETED into STOPPED. Returns what the database decided for each
+/// answer still there (an answer whose conversation was deleted meanwhile is missing), not the
+/// content just sent.
 pub async fn finish(
     conn: &mut AsyncMysqlConnection,
-    id: MessageId,
-    conversation: ConversationId,
-    answer: FinalAnswer<'_>,
-) -> QueryResult<Option<StoredAnswer>> {
-    let completed = answer.status == MessageStatus::Completed;
-    let status = case_when(
-        messages::stop_requested.and(completed.into_sql::<Bool>()),
-        MessageStatus::Stopped.into_sql::<Varchar>(),
-    )
-    .otherwise(answer.status.into_sql::<Varchar>());
-    let updated = diesel::update(messages::table.find(id))
-        .set((
-            messages::content.eq(answer.content),
-            messages::last_seq.eq(answer.last_seq),
-            messages::status.eq(status),
-            messages::error.eq(&answer.error),
-            messages::usage.eq(&answer.usage),
-            messages::tokens.eq(i64::try_from(answer.tokens).unwrap_or(i64::MAX)),
-            messages::retriever_resources.eq(&answer.retriever_resources),
-            messages::agent_thoughts.eq(&answer.agent_thoughts),
-            messages::files.eq(&answer.files),
-            messages::dify_message_id.eq(answer.dify_message_id),
-            messages::dify_task_id.eq(answer.dify_task_id),
-            messages::dify_workflow_run_id.eq(answer.dify_workflow_run_id),
-            messages::updated_at.eq(now()),
-        ))
-        .execute(conn)
-        .await?;
-    if updated == 0 {
-        return Ok(None);
+    answers: &[&FinalAnswer],
+) -> QueryResult<HashMap<MessageId, StoredAnswer>> {
+    use diesel::mysql::Mysql;
+    use diesel::sql_types::{Binary, Datetime, Text};
+    let at = now();
+    let when = " WHEN ? THEN ?".repeat(answers.len());
+    let ids = vec!["?"; answers.len()].join(", ");
+    let sql = format!(
+        "UPDATE messages SET content = CASE id {when} END, last_seq = CASE id {when} END, \
+         status = CASE id {status} END, error = CASE id {when} END, `usage` = CASE id {when} END, \
+         tokens = CASE id {when} END, retriever_resources = CASE id {when} END, \
+         agent_thoughts = CASE id {when} END, files = CASE id {when} END, \
+         dify_message_id = CASE id {when} END, dify_task_id = CASE id {when} END, \
+         dify_workflow_run_id = CASE id {when} END, updated_at = ? WHERE id IN ({ids})",
+        status = " WHEN ? THEN IF(stop_requested AND ?, 'STOPPED', ?)".repeat(answers.len()),
+    );
+    let mut update = diesel::sql_query(sql).into_boxed::<Mysql>();
+    for answer in answers {
+        update = update
+            .bind::<Binary, _>(answer.id)
+            .bind::<Text, _>(&answer.content);
     }
+    for answer in answers {
+        update = update
+            .bind::<Binary, _>(answer.id)
+            .bind::<Integer, _>(answer.last_seq);
+    }
+    for answer in answers {
+        update = update
+            .bind::<Binary, _>(answer.id)
+            .bind::<Bool, _>(answer.status == MessageStatus::Completed)
+            .bind::<Varchar, _>(answer.status);
+    }
+    let texts: [fn(&FinalAnswer) -> &Option<String>; 2] = [|a| &a.error, |a| &a.usage];
+    for column in texts {
+        for answer in answers {
+            update = update
+                .bind::<Binary, _>(answer.id)
+                .bind::<Nullable<Text>, _>(column(answer));
+        }
+    }
+    for answer in answers {
+        update = update
+            .bind::<Binary, _>(answer.id)
+            .bind::<BigInt, _>(i64::try_from(answer.tokens).unwrap_or(i64::MAX));
+    }
+    let texts: [fn(&FinalAnswer) -> &Option<String>; 6] = [
+        |a| &a.retriever_resources,
+        |a| &a.agent_thoughts,
+        |a| &a.files,
+        |a| &a.dify_message_id,
+        |a| &a.dify_task_id,
+        |a| &a.dify_workflow_run_id,
+    ];
+    for column in texts {
+        for answer in answers {
+            update = update
+                .bind::<Binary, _>(answer.id)
+                .bind::<Nullable<Text>, _>(column(answer));
+        }
+    }
+    update = update.bind::<Datetime, _>(at);
+    for answer in answers {
+        update = update.bind::<Binary, _>(answer.id);
+    }
+    update.execute(conn).await?;
 
-    // Moves the conversation up the list and keeps the first Dify conversation id.
-    diesel::update(conversations::table.find(conversation))
-        .set((
-            conversations::updated_at.eq(now()),
-            conversations::dify_conversation_id.eq(sql::<Nullable<Varchar>>(
-                "COALESCE(dify_conversation_id, ",
-            )
-            .bind::<Nullable<Varchar>, _>(answer.dify_conversation_id)
-            .sql(")")),
-        ))
-        .execute(conn)
+    // Moves the conversations up the list and keeps their first Dify conversation id.
+    let sql = format!(
+        "UPDATE conversations SET updated_at = ?, \
+         dify_conversation_id = COALESCE(dify_conversation_id, CASE id {when} END) \
+         WHERE id IN ({ids})"
+    );
+    let mut touch = diesel::sql_query(sql)
+        .into_boxed::<Mysql>()
+        .bind::<Datetime, _>(at);
+    for answer in answers {
+        touch = touch
+            .bind::<Binary, _>(answer.conversation)
+            .bind::<Nullable<Text>, _>(&answer.dify_conversation_id);
+    }
+    for answer in answers {
+        touch = touch.bind::<Binary, _>(answer.conversation);
+    }
+    touch.execute(conn).await?;
+
+    let stored: Vec<(MessageId, StoredAnswer)> = messages::table
+        .filter(messages::id.eq_any(answers.iter().map(|answer| answer.id)))
+        .select((messages::id, StoredAnswer::as_select()))
+        .load(conn)
         .await?;
-    messages::table
-        .find(id)
-        .select(StoredAnswer::as_select())
-        .first(conn)
-        .await
-        .optional()
+    Ok(stored.into_iter().collect())
 }
 
 /// The columns of a finished answer that its final write does not set itself.

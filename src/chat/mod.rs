@@ -4,6 +4,7 @@
 pub mod answer;
 pub mod db;
 pub mod events;
+pub mod finals;
 pub mod graphql;
 pub mod log;
 pub mod mirror;

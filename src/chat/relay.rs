@@ -333,15 +333,12 @@ impl Relay {
         self.app
             .writer
             .forget(self.message_id, self.conversation.id);
-        let dify_conversation = self
-            .answer
-            .ids
-            .conversation_id
-            .as_deref()
-            .filter(|_| self.dify.mode.has_conversations());
+        let has_conversations = self.dify.mode.has_conversations();
         let ids = &self.answer.ids;
-        let final_answer = FinalAnswer {
-            content: &self.answer.content,
+        let final_answer = Arc::new(FinalAnswer {
+            id: self.message_id,
+            conversation: self.conversation.id,
+            content: std::mem::take(&mut self.answer.content),
             last_seq,
             status: outcome.status(),
             error: outcome.error().and_then(|e| serde_json::to_string(e).ok()),
@@ -353,10 +350,10 @@ impl Relay {
                 .map(|v| v.to_string()),
             agent_thoughts: json_list(&self.answer.thoughts),
             files: json_list(&self.answer.files),
-            dify_message_id: ids.message_id.as_deref(),
-            dify_task_id: ids.task_id.as_deref(),
-            dify_workflow_run_id: ids.workflow_run_id.as_deref(),
-            dify_conversation_id: dify_conversation,
+            dify_message_id: ids.message_id.clone(),
+            dify_task_id: ids.task_id.clone(),
+            dify_workflow_run_id: ids.workflow_run_id.clone(),
+            dify_conversation_id: ids.conversation_id.clone().filter(|_| has_conversations),
             tokens: self
                 .answer
                 .usage
@@ -364,15 +361,18 @@ impl Relay {
                 .and_then(|usage| usage.get("total_tokens"))
                 .and_then(serde_json::Value::as_u64)
                 .unwrap_or(0),
-        };
+        });
         let stored = self.write_final(&final_answer).await;
+        // The batch has let go of it: the content moves on without a copy.
+        let final_answer = Arc::unwrap_or_clone(final_answer);
+        let chars = final_answer.content.chars().count();
         let message = match stored {
             Stored::Written(stored) => {
                 if final_answer.tokens > 0 {
                     self.app.writer.tokens_to_settle();
                 }
-                let mut message =
-                    self.describe(&final_answer, stored.status, final_answer.error.clone());
+                let error = final_answer.error.clone();
+                let mut message = self.describe(final_answer, stored.status, error);
                 message.feedback = stored.feedback;
                 message.created_at = crate::db::types::utc(stored.created_at);
                 message.updated_at = crate::db::types::utc(stored.updated_at);
@@ -380,11 +380,8 @@ impl Relay {
             }
             Stored::Deleted => {
                 tracing::info!(message.id = %self.message_id, "the conversation was deleted while answering");
-                self.describe(
-                    &final_answer,
-                    final_answer.status,
-                    final_answer.error.clone(),
-                )
+                let (status, error) = (final_answer.status, final_answer.error.clone());
+                self.describe(final_answer, status, error)
             }
             Stored::NotSaved => {
                 let error = ChatError {
@@ -393,7 +390,7 @@ impl Relay {
                     status: None,
                 };
                 let json = serde_json::to_string(&error).ok();
-                self.describe(&final_answer, MessageStatus::Failed, json)
+                self.describe(final_answer, MessageStatus::Failed, json)
             }
         };
         let status = message.status;
@@ -402,7 +399,7 @@ impl Relay {
             _ => outcome.label().to_owned(),
         };
         self.app.metrics.outcome(&label);
-        tracing::info!(message.id = %self.message_id, ?status, outcome = label, chars = self.answer.content.chars().count(), "answer finished");
+        tracing::info!(message.id = %self.message_id, ?status, outcome = label, chars, "answer finished");
         match (status, message.error.clone()) {
             (MessageStatus::Failed, Some(error)) => ChatEvent::ChatFailed(Box::new(ChatFailed {
                 message_id: self.message_id.into(),
@@ -418,21 +415,14 @@ impl Relay {
         }
     }
 
-    /// The final write, retried while the database is away, for as long as the sweeper would
-    /// leave the answer alone: it is the one write that must not be lost.
-    async fn write_final(&self, answer: &FinalAnswer<'_>) -> Stored {
+    /// The final write (batched with other answers' by `finals`), retried while the database
+    /// is away, for as long as the sweeper would leave the answer alone: it is the one write
+    /// that must not be lost.
+    async fn write_final(&self, answer: &Arc<FinalAnswer>) -> Stored {
         let give_up = Instant::now() + self.app.config.stale_stream_after;
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = self
-                .app
-                .writer_db
-                .run_moving(STATEMENT_TIMEOUT, answer.content.len(), async |conn| {
-                    chat_db::finish(conn, self.message_id, self.conversation.id, answer.clone())
-                        .await
-                })
-                .await;
-            match result {
+            match self.app.finals.write(answer.clone()).await {
                 Ok(Some(stored)) => return Stored::Written(stored),
                 Ok(None) => return Stored::Deleted,
                 Err(error) if Instant::now() + pause < give_up => {
@@ -458,22 +448,22 @@ impl Relay {
     /// The answer as the final write stores it (with `status` and `error` as given).
     fn describe(
         &self,
-        answer: &FinalAnswer<'_>,
+        answer: FinalAnswer,
         status: MessageStatus,
         error: Option<String>,
     ) -> Message {
         let mut record = MessageRecord::new(
             self.conversation.id,
             MessageRole::Assistant,
-            answer.content.to_owned(),
+            answer.content,
             status,
         );
         record.id = self.message_id;
         record.error = error;
-        record.usage = answer.usage.clone();
-        record.retriever_resources = answer.retriever_resources.clone();
-        record.agent_thoughts = answer.agent_thoughts.clone();
-        record.files = answer.files.clone();
+        record.usage = answer.usage;
+        record.retriever_resources = answer.retriever_resources;
+        record.agent_thoughts = answer.agent_thoughts;
+        record.files = answer.files;
         record.into()
     }
 }

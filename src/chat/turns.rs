@@ -12,52 +12,41 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
-
 use super::db::{self as chat_db, BeginError, Chosen, SavedTurn, Starter};
 use crate::apps::AppId;
 use crate::conversations::domain::{ConversationId, MessageId};
+use crate::db::batch::{Batcher, Job, Limits, refusal};
 use crate::db::{Db, STATEMENT_TIMEOUT};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 
-/// First turns waiting for the saver; a chat beyond this waits to hand its turn over.
-const QUEUE: usize = 4096;
-/// At most this many turns, or about this many bytes of queries, per transaction (MariaDB's
-/// default `max_allowed_packet` is 16 MiB).
-const BATCH_TURNS: usize = 256;
-const BATCH_BYTES: usize = 4 << 20;
-
-/// A first turn handed to the saver, and where its outcome goes.
-struct Queued {
-    turn: SavedTurn,
-    saved: oneshot::Sender<Result<SavedTurn, BeginError>>,
-}
+/// At most 256 turns, or about 4 MiB of queries, per transaction (MariaDB's default
+/// `max_allowed_packet` is 16 MiB).
+const LIMITS: Limits = Limits {
+    queue: 4096,
+    jobs: 256,
+    bytes: 4 << 20,
+};
 
 /// Checks and saves turns; see the module's documentation.
 pub struct Turns {
     db: Db,
-    queue: mpsc::Sender<Queued>,
+    saver: Batcher<SavedTurn, Result<SavedTurn, BeginError>>,
 }
 
 impl Turns {
     /// Turns saved through `db` (the interactive pool). The saver runs until `Turns` is dropped.
     pub fn spawn(db: Db, metrics: Arc<Metrics>) -> Self {
-        let (queue, mut queued) = mpsc::channel::<Queued>(QUEUE);
         let saver_db = db.clone();
-        tokio::spawn(async move {
-            while let Some(first) = queued.recv().await {
-                let mut bytes = first.turn.1.content.len();
-                let mut batch = vec![first];
-                while batch.len() < BATCH_TURNS && bytes < BATCH_BYTES {
-                    let Ok(next) = queued.try_recv() else { break };
-                    bytes += next.turn.1.content.len();
-                    batch.push(next);
-                }
-                save(&saver_db, &metrics, batch).await;
-            }
-        });
-        Self { db, queue }
+        let saver = Batcher::spawn(
+            LIMITS,
+            |turn: &SavedTurn| turn.1.content.len(),
+            move |batch| {
+                let (db, metrics) = (saver_db.clone(), metrics.clone());
+                async move { save(&db, &metrics, batch).await }
+            },
+        );
+        Self { db, saver }
     }
 
     /// Checks and saves a turn of `starter`: in `existing`, or in a new conversation. `choose`
@@ -87,12 +76,10 @@ impl Turns {
         drop(conn);
         let chosen = choose(None).map_err(BeginError::Refused)?;
         let turn = chat_db::first_turn(starter, query, client_message_id, chosen);
-        let (saved, outcome) = oneshot::channel();
-        self.queue
-            .send(Queued { turn, saved })
+        self.saver
+            .run(turn)
             .await
-            .map_err(|_| BeginError::Unavailable)?;
-        outcome.await.unwrap_or(Err(BeginError::Unavailable))
+            .unwrap_or(Err(BeginError::Unavailable))
     }
 }
 
@@ -118,8 +105,12 @@ impl From<Failure> for BeginError {
 /// chat its outcome. Turns whose chat went away while queued (the client left, or its start
 /// timed out) are not saved; an answer saved for a chat that went away during the save is
 /// marked INTERRUPTED at once, since no relay will stream it.
-async fn save(db: &Db, metrics: &Metrics, batch: Vec<Queued>) {
-    let batch: Vec<Queued> = batch.into_iter().filter(|q| !q.saved.is_closed()).collect();
+async fn save(
+    db: &Db,
+    metrics: &Metrics,
+    batch: Vec<Job<SavedTurn, Result<SavedTurn, BeginError>>>,
+) {
+    let batch: Vec<_> = batch.into_iter().filter(|job| !job.abandoned()).collect();
     if batch.is_empty() {
         return;
     }
@@ -127,8 +118,8 @@ async fn save(db: &Db, metrics: &Metrics, batch: Vec<Queued>) {
     let outcomes = match insert(db, &batch).await {
         Err(Failure::Refused(_)) if batch.len() > 1 => {
             let mut outcomes = Vec::with_capacity(batch.len());
-            for queued in &batch {
-                outcomes.push(insert(db, std::slice::from_ref(queued)).await);
+            for job in &batch {
+                outcomes.push(insert(db, std::slice::from_ref(job)).await);
             }
             outcomes
         }
@@ -137,11 +128,11 @@ async fn save(db: &Db, metrics: &Metrics, batch: Vec<Queued>) {
         refused => vec![refused],
     };
     let mut abandoned: Vec<MessageId> = Vec::new();
-    for (queued, outcome) in batch.into_iter().zip(outcomes) {
-        let answer = queued.turn.2.id;
+    for (job, outcome) in batch.into_iter().zip(outcomes) {
+        let answer = job.work.2.id;
         let saved = outcome.is_ok();
-        let outcome = outcome.map(|()| queued.turn).map_err(BeginError::from);
-        if queued.saved.send(outcome).is_err() && saved {
+        let outcome = outcome.map(|()| job.work).map_err(BeginError::from);
+        if job.reply.send(outcome).is_err() && saved {
             abandoned.push(answer);
         }
     }
@@ -159,15 +150,15 @@ async fn save(db: &Db, metrics: &Metrics, batch: Vec<Queued>) {
 }
 
 /// `batch` in one transaction.
-async fn insert(db: &Db, batch: &[Queued]) -> Result<(), Failure> {
-    let turns: Vec<&SavedTurn> = batch.iter().map(|queued| &queued.turn).collect();
+async fn insert<R>(db: &Db, batch: &[Job<SavedTurn, R>]) -> Result<(), Failure> {
+    let turns: Vec<&SavedTurn> = batch.iter().map(|job| &job.work).collect();
     let bytes = turns.iter().map(|turn| turn.1.content.len()).sum();
     db.run_moving(STATEMENT_TIMEOUT, bytes, async |conn| {
         chat_db::insert_first_turns(conn, &turns).await
     })
     .await
-    .map_err(|error| match error.downcast::<diesel::result::Error>() {
-        Ok(error) if !crate::db::is_unavailable(&error) => Failure::Refused(error),
-        _ => Failure::Unavailable,
+    .map_err(|error| match refusal(error) {
+        Ok(error) => Failure::Refused(error),
+        Err(_) => Failure::Unavailable,
     })
 }

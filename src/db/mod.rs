@@ -1,5 +1,6 @@
 //! The MySQL connection pool, session settings, database creation and embedded migrations.
 
+pub mod batch;
 pub mod schema;
 pub mod types;
 

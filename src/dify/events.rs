@@ -92,6 +92,14 @@ fn non_empty(map: &Map<String, Value>, key: &str) -> Option<String> {
     string(map, key).filter(|s| !s.is_empty())
 }
 
+/// The longest Dify id kept (Dify's are UUIDs; the columns hold 64): a longer one is not an id
+/// Dify sends, and storing it would fail every write of the answer.
+pub const ID_MAX: usize = 64;
+
+fn id(map: &Map<String, Value>, key: &str) -> Option<String> {
+    non_empty(map, key).filter(|id| id.len() <= ID_MAX)
+}
+
 const WORKFLOW_PREFIXES: &[&str] = &[
     "workflow_",
     "node_",
@@ -109,10 +117,10 @@ pub fn decode(data: &str) -> Result<StreamEvent, String> {
     let name = string(map, "event").ok_or("no event field")?;
     let data = map.get("data").and_then(Value::as_object);
     let ids = Ids {
-        conversation_id: non_empty(map, "conversation_id"),
-        message_id: non_empty(map, "message_id"),
-        task_id: non_empty(map, "task_id"),
-        workflow_run_id: non_empty(map, "workflow_run_id"),
+        conversation_id: id(map, "conversation_id"),
+        message_id: id(map, "message_id"),
+        task_id: id(map, "task_id"),
+        workflow_run_id: id(map, "workflow_run_id"),
     };
     let event = match name.as_str() {
         "message" | "agent_message" => {
@@ -215,6 +223,18 @@ mod tests {
         assert_eq!(compact.ids, legacy.ids);
         let emoji = decode(r#"{"event": "message", "answer": "\ud83d\ude00"}"#).unwrap();
         assert_eq!(emoji.event, Event::AnswerDelta("😀".into()));
+    }
+
+    #[test]
+    fn ids_longer_than_their_columns_are_not_kept() {
+        let long = "x".repeat(ID_MAX + 1);
+        let e = decode(&format!(
+            r#"{{"event":"message","task_id":"{long}","message_id":"{}","answer":"a"}}"#,
+            "m".repeat(ID_MAX)
+        ))
+        .unwrap();
+        assert_eq!(e.ids.task_id, None);
+        assert_eq!(e.ids.message_id.map(|id| id.len()), Some(ID_MAX));
     }
 
     #[test]

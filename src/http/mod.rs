@@ -5,7 +5,7 @@ mod serve;
 mod upload;
 mod ws;
 
-pub use serve::serve;
+pub use serve::{listen, serve};
 
 use std::time::Duration;
 

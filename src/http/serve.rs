@@ -8,6 +8,23 @@ use axum::extract::{ConnectInfo, Request};
 
 use crate::app::App;
 
+/// Pending connections the kernel keeps for the accept loop (capped by `net.core.somaxconn`):
+/// thousands of clients reconnecting at once after a deploy or a network blip must wait in the
+/// backlog, not have their SYNs dropped and retried a second later. tokio's `bind` asks for 1,024.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `address` with a backlog of [`LISTEN_BACKLOG`].
+pub fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A client connection's share of `MAX_CONNECTIONS`, held by its requests (and by a WebSocket
 /// upgraded from it) until the last of them ends.
 #[derive(Clone)]

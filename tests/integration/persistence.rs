@@ -169,6 +169,78 @@ async fn first_turns_are_saved_in_batches_and_a_refused_one_fails_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn final_writes_are_batched_and_a_refused_one_fails_alone() {
+    use rechat::chat::db::FinalAnswer;
+    use rechat::conversations::domain::MessageStatus;
+    let app = TestApp::spawn().await;
+    let (starter, chosen) = starter(&app, "finals@example.com").await;
+    let mut turns = Vec::new();
+    for i in 0..30 {
+        let chosen = chosen.clone();
+        let (conversation, _, answer) = app
+            .app
+            .turns
+            .begin(starter, None, &format!("question {i}"), None, |_| {
+                Ok(chosen)
+            })
+            .await
+            .unwrap();
+        turns.push((conversation.id, answer.id));
+    }
+    // 30 answers end at once; one carries a Dify task id longer than its column.
+    let writes = turns.iter().enumerate().map(|(i, (conversation, answer))| {
+        app.app.finals.write(std::sync::Arc::new(FinalAnswer {
+            id: *answer,
+            conversation: *conversation,
+            content: format!("answer {i}"),
+            last_seq: 3,
+            status: MessageStatus::Completed,
+            error: None,
+            usage: None,
+            retriever_resources: None,
+            agent_thoughts: None,
+            files: None,
+            dify_message_id: Some(format!("dify-message-{i}")),
+            dify_task_id: Some(if i == 7 {
+                "x".repeat(65)
+            } else {
+                format!("task-{i}")
+            }),
+            dify_workflow_run_id: None,
+            dify_conversation_id: Some(format!("dify-conversation-{i}")),
+            tokens: 0,
+        }))
+    });
+    let written = futures::future::join_all(writes).await;
+    for (i, written) in written.iter().enumerate() {
+        match written {
+            Err(_) if i == 7 => {}
+            Ok(Some(stored)) if i != 7 => assert_eq!(stored.status, MessageStatus::Completed),
+            other => panic!("answer {i}: {other:?}"),
+        }
+    }
+    let count = |sql| first(&app, sql);
+    assert_eq!(
+        count("SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages WHERE status = 'COMPLETED' AND content = CONCAT('answer ', SUBSTRING(dify_task_id, 6)) AND last_seq = 3").await,
+        "29"
+    );
+    assert_eq!(
+        count("SELECT CAST(COUNT(*) AS CHAR) AS value FROM conversations WHERE dify_conversation_id LIKE 'dify-conversation-%'").await,
+        "29"
+    );
+    let metrics = app.get_text("/metrics").await;
+    let batches: u32 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("rechat_final_write_batch_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    assert!(
+        (1..30).contains(&batches),
+        "{batches} batches for 30 answers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_turn_whose_chat_went_away_during_its_save_is_not_left_streaming() {
     let (proxy, app) = behind_proxy(|_| {}).await;
     let (starter, chosen) = starter(&app, "gone@example.com").await;
