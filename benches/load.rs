@@ -537,6 +537,39 @@ struct Summary {
     first_error: Option<String>,
 }
 
+/// How late the driver's own timers fire (a 10 ms sleep, over and over): when its one core is
+/// saturated, deltas wait in the driver too, and a row's latency is partly the driver's.
+struct LagProbe(
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+);
+
+impl LagProbe {
+    fn start() -> Self {
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let samples = samples.clone();
+            async move {
+                loop {
+                    let asked = Instant::now() + Duration::from_millis(10);
+                    tokio::time::sleep_until(asked.into()).await;
+                    let late = Instant::now().saturating_duration_since(asked);
+                    samples.lock().unwrap().push(late.as_nanos() as u64);
+                }
+            }
+        });
+        Self(task, samples)
+    }
+
+    /// The lags seen, sorted (nanoseconds).
+    fn stop(self) -> Vec<u64> {
+        self.0.abort();
+        let mut samples = std::mem::take(&mut *self.1.lock().unwrap());
+        samples.sort_unstable();
+        samples
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -773,6 +806,7 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         let pid = gateway.child.id();
         let n = row.deltas;
         // The floor: the same streams read straight from the emitter.
+        let direct_lag = LagProbe::start();
         let direct_results = futures::future::join_all((0..row.streams).map(|i| {
             let arrival = Duration::from_secs_f64(i as f64 / RAMP_PER_SECOND);
             let stream = direct(direct_side, n, row.pause, http.clone());
@@ -783,6 +817,7 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         }))
         .await;
         let floor = summarise(&direct_results);
+        let direct_lag = direct_lag.stop();
         drop(direct_results);
 
         let before_kib = rss_kib(pid);
@@ -808,6 +843,7 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         let metrics_before = scrape(gateway.port).await;
         let started = Instant::now();
         let connecting = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+        let lag = LagProbe::start();
         // New chats arrive at RAMP_PER_SECOND, not all in the same millisecond.
         let streams = futures::future::join_all((0..row.streams).map(|i| {
             let arrival = Duration::from_secs_f64(i as f64 / RAMP_PER_SECOND);
@@ -824,6 +860,7 @@ async fn run(rows: Vec<Row>, settle: Duration) {
             }
         }));
         let (results, ()) = tokio::join!(streams, freeze);
+        let lag = lag.stop();
         report(
             row,
             &floor,
@@ -849,6 +886,13 @@ async fn run(rows: Vec<Row>, settle: Duration) {
             delta("rechat_turn_save_batch_sum") / delta("rechat_turn_save_batch_count").max(1.0),
             mean_ms("rechat_dify_first_event_seconds"),
             mean_ms("rechat_relay_seconds"),
+        );
+        println!(
+            "  driver (emitter and clients, one core): lag p99 {:.1} ms (max {:.0}) during the direct streams, {:.1} ms (max {:.0}) during rechat's",
+            percentile(&direct_lag, 0.99),
+            percentile(&direct_lag, 1.0),
+            percentile(&lag, 0.99),
+            percentile(&lag, 1.0),
         );
         sampler.abort();
         // Let the final writes land and sockets close before the next row.
