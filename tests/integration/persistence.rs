@@ -241,6 +241,28 @@ async fn final_writes_are_batched_and_a_refused_one_fails_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_first_turn_that_cannot_be_saved_is_refused_as_unavailable_and_leaves_nothing() {
+    use rechat::chat::db::BeginError;
+    let (proxy, app) = behind_proxy(|_| {}).await;
+    let (starter, chosen) = starter(&app, "cut@example.com").await;
+    // MySQL goes away once the turn is checked: its save fails at once, and says so.
+    let began = app
+        .app
+        .turns
+        .begin(starter, None, "anyone?", None, |_| {
+            proxy.cut();
+            Ok(chosen)
+        })
+        .await;
+    assert!(matches!(began, Err(BeginError::Unavailable)), "{began:?}");
+    proxy.restore();
+    assert_eq!(
+        first(&app, "SELECT CAST(COUNT(*) AS CHAR) AS value FROM messages").await,
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_turn_whose_chat_went_away_during_its_save_is_not_left_streaming() {
     let (proxy, app) = behind_proxy(|_| {}).await;
     let (starter, chosen) = starter(&app, "gone@example.com").await;
