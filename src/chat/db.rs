@@ -39,8 +39,9 @@ pub enum BeginError {
     },
     /// Another turn with the same `clientMessageId` was saved meanwhile (two sends racing).
     ClientMessageIdTaken,
-    /// No connection to be had, or MySQL did not answer in time.
+    /// No pooled connection for the turn's check.
     Pool(crate::db::PoolError),
+    /// The turn's save found MySQL away, or not answering in time (see `Turns`).
     Unavailable,
     Db(diesel::result::Error),
 }
