@@ -926,7 +926,10 @@ async fn run(rows: Vec<Row>, settle: Duration) {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let _ = gateway.child.kill();
+        // SIGTERM: the gateway ends cleanly (and a `dhat-heap` build writes its profile).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &gateway.child.id().to_string()])
+            .status();
         let _ = gateway.child.wait();
         diesel::sql_query(format!("DROP DATABASE `{database}`"))
             .execute(&mut admin)

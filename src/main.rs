@@ -11,8 +11,15 @@ use tracing_subscriber::EnvFilter;
 /// argon2 hashes) where glibc's allocator keeps most of it. Its `no_thp` feature keeps
 /// transparent huge pages off: a 2 MiB page stays resident while any 4 KiB of it is used, which
 /// held the RSS of a 4,000-stream burst at 2.5 times idle long after it ended.
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `--features dhat-heap`: every allocation is recorded, and `dhat-heap.json` (the heap at its
+/// peak, by allocation site) is written when the process ends cleanly (SIGTERM).
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 #[derive(Parser)]
 #[command(name = "rechat", version, about = "GraphQL gateway for Dify apps")]
@@ -47,6 +54,8 @@ enum Command {
 const MYSQL_BUFFER_SIZE_CAP: &str = "65536";
 
 fn main() -> std::process::ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     if std::env::var_os("MYSQL_ASYNC_BUFFER_SIZE_CAP").is_none() {
         // SAFETY: no other thread exists yet (the runtime starts below).
         unsafe { std::env::set_var("MYSQL_ASYNC_BUFFER_SIZE_CAP", MYSQL_BUFFER_SIZE_CAP) };

@@ -62,7 +62,9 @@ impl ChatSubscription {
     /// Dify refusing the request) arrives as `ChatFailed`.
     async fn chat(&self, ctx: &Context<'_>, input: ChatInput) -> async_graphql::Result<ChatStream> {
         // The macro recognises a fallible stream only by the name `Result`, hence the wrapper.
-        Ok(start(ctx, input).await?)
+        // Boxed: async-graphql keeps this resolver's state for as long as the subscription
+        // runs, and the start's 5 KiB of it would stay with every stream.
+        Ok(Box::pin(start(ctx, input)).await?)
     }
 
     /// Re-attaches to one of your answers, after a reload or a dropped socket: every event with
@@ -88,7 +90,7 @@ impl ChatSubscription {
         if after_seq < 0 {
             return Err(AppError::bad_input("afterSeq", "afterSeq must be 0 or more").into());
         }
-        Ok(resume(ctx.app(), viewer.id, id, after_seq).await?)
+        Ok(Box::pin(resume(ctx.app(), viewer.id, id, after_seq)).await?)
     }
 }
 

@@ -316,7 +316,8 @@ async fn serve_websocket(
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     // Nothing was heard from the client during the last keepalive interval.
     let mut silent = false;
-    let mut batch = Vec::with_capacity(WS_BATCH);
+    // Grows to the largest batch this socket sees (a chat's are a few events), not WS_BATCH.
+    let mut batch = Vec::new();
     'connection: loop {
         if !watching && let Some(session) = signed_in.get() {
             watching = true;
