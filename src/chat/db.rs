@@ -378,11 +378,11 @@ pub async fn finish(
     use diesel::sql_types::{Binary, Datetime, Text};
     let at = now();
     let when = " WHEN ? THEN ?".repeat(answers.len());
-    let ids = vec!["?"; answers.len()].join(", ");
+    let ids = super::writer::placeholders(answers.len());
     let sql = format!(
         "UPDATE messages SET content = CASE id {when} END, last_seq = CASE id {when} END, \
-         status = CASE id {status} END, error = CASE id {when} END, `usage` = CASE id {when} END, \
-         tokens = CASE id {when} END, retriever_resources = CASE id {when} END, \
+         status = CASE id {status} END, tokens = CASE id {when} END, \
+         error = CASE id {when} END, `usage` = CASE id {when} END, retriever_resources = CASE id {when} END, \
          agent_thoughts = CASE id {when} END, files = CASE id {when} END, \
          dify_message_id = CASE id {when} END, dify_task_id = CASE id {when} END, \
          dify_workflow_run_id = CASE id {when} END, updated_at = ? WHERE id IN ({ids})",
@@ -405,20 +405,14 @@ pub async fn finish(
             .bind::<Bool, _>(answer.status == MessageStatus::Completed)
             .bind::<Varchar, _>(answer.status);
     }
-    let texts: [fn(&FinalAnswer) -> &Option<String>; 2] = [|a| &a.error, |a| &a.usage];
-    for column in texts {
-        for answer in answers {
-            update = update
-                .bind::<Binary, _>(answer.id)
-                .bind::<Nullable<Text>, _>(column(answer));
-        }
-    }
     for answer in answers {
         update = update
             .bind::<Binary, _>(answer.id)
             .bind::<BigInt, _>(i64::try_from(answer.tokens).unwrap_or(i64::MAX));
     }
-    let texts: [fn(&FinalAnswer) -> &Option<String>; 6] = [
+    let texts: [fn(&FinalAnswer) -> &Option<String>; 8] = [
+        |a| &a.error,
+        |a| &a.usage,
         |a| &a.retriever_resources,
         |a| &a.agent_thoughts,
         |a| &a.files,

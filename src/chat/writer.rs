@@ -301,7 +301,7 @@ fn chunks<T>(rows: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> V
 }
 
 /// `?, ?, …` for `n` placeholders.
-fn placeholders(n: usize) -> String {
+pub(super) fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
