@@ -7,7 +7,9 @@ use serde_json::Value;
 
 use super::events::*;
 use crate::conversations::domain::MessageStatus;
-use crate::conversations::graphql::{AgentThought, ChatError, MessageFile};
+use crate::conversations::graphql::{
+    AgentThought, ChatError, MessageFile, RetrieverResource, Usage,
+};
 use crate::dify::events::{Event, Ids, StreamEvent};
 use crate::dify::{AppMode, DifyError};
 
@@ -125,8 +127,8 @@ pub struct Answer {
     pub content: String,
     pub thoughts: Vec<AgentThought>,
     pub files: Vec<MessageFile>,
-    pub usage: Option<Value>,
-    pub retriever_resources: Option<Value>,
+    pub usage: Option<Usage>,
+    pub retriever_resources: Vec<RetrieverResource>,
     workflow_outputs: Option<Value>,
     workflow_tokens: Option<i64>,
     /// Dify's ids, from the first frame that carries any.
@@ -150,7 +152,7 @@ impl Answer {
             thoughts: Vec::new(),
             files: Vec::new(),
             usage: None,
-            retriever_resources: None,
+            retriever_resources: Vec::new(),
             workflow_outputs: None,
             workflow_tokens: None,
             ids: Ids::default(),
@@ -247,15 +249,7 @@ impl Answer {
                 }
             }
             Event::AgentThought(t) => {
-                let thought = AgentThought {
-                    id: t.id.into(),
-                    position: t.position,
-                    thought: t.thought,
-                    tool: t.tool,
-                    tool_input: t.tool_input,
-                    observation: t.observation,
-                    files: t.files,
-                };
+                let thought = AgentThought::from(t);
                 match self.thoughts.iter_mut().find(|k| k.id == thought.id) {
                     Some(known) => known.clone_from(&thought),
                     None => self.thoughts.push(thought.clone()),
@@ -269,12 +263,7 @@ impl Answer {
                 )))
             }
             Event::MessageFile(f) => {
-                let file = MessageFile {
-                    id: f.id.into(),
-                    kind: f.kind,
-                    url: f.url,
-                    belongs_to: f.belongs_to,
-                };
+                let file = MessageFile::from(f);
                 self.files.push(file.clone());
                 relay(ChatEvent::MessageFileAdded(MessageFileAdded {
                     message_id: unstamped(),
@@ -287,9 +276,17 @@ impl Answer {
                 retriever_resources,
                 files,
             } => {
-                self.usage = usage.or(self.usage.take());
-                self.retriever_resources = retriever_resources;
-                self.add_end_files(files);
+                if let Some(usage) = usage {
+                    self.usage = Some(usage.into());
+                }
+                self.retriever_resources =
+                    retriever_resources.into_iter().map(Into::into).collect();
+                for file in files {
+                    // Unless a `message_file` event already named it.
+                    if !self.files.iter().any(|known| *known.id == file.id) {
+                        self.files.push(file.into());
+                    }
+                }
                 Step {
                     relay: Some(dify_event(name, raw)),
                     terminal: Some(Outcome::Completed),
@@ -347,36 +344,6 @@ impl Answer {
         }
     }
 
-    /// `message_end.files`: Dify's file objects, added unless a `message_file` already named them.
-    fn add_end_files(&mut self, files: Option<Value>) {
-        let Some(Value::Array(files)) = files else {
-            return;
-        };
-        for file in files {
-            let text = |key: &str| {
-                file.get(key)
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-            };
-            let Some(id) = text("related_id")
-                .or_else(|| text("upload_file_id"))
-                .or_else(|| text("id"))
-            else {
-                continue;
-            };
-            if self.files.iter().any(|known| known.id.as_str() == id) {
-                continue;
-            }
-            self.files.push(MessageFile {
-                id: id.into(),
-                kind: text("type").unwrap_or_else(|| "file".into()),
-                url: text("url").or_else(|| text("remote_url")),
-                belongs_to: text("belongs_to").or_else(|| Some("assistant".into())),
-            });
-        }
-    }
-
     /// Settles what is derived at the end: a workflow's answer from its outputs when it
     /// streamed no text, and its token count when Dify sent no `message_end` usage.
     pub fn settle(&mut self) {
@@ -387,9 +354,10 @@ impl Answer {
             self.content = outputs_text(outputs);
         }
         if self.usage.is_none() {
-            self.usage = self
-                .workflow_tokens
-                .map(|total| serde_json::json!({ "total_tokens": total }));
+            self.usage = self.workflow_tokens.map(|total_tokens| Usage {
+                total_tokens,
+                ..Usage::default()
+            });
         }
     }
 }
@@ -491,12 +459,9 @@ mod tests {
                 .all(|t| *t == "AnswerDelta")
         );
         assert!(!answer.content.is_empty());
-        assert!(
-            answer
-                .usage
-                .as_ref()
-                .is_some_and(|u| u["total_tokens"].is_number())
-        );
+        assert!(answer.usage.as_ref().is_some_and(
+            |u| u.total_tokens == 1711 && u.total_price.as_deref() == Some("0.0002958")
+        ));
         assert!(answer.ids.task_id.is_some() && answer.ids.conversation_id.is_some());
     }
 

@@ -342,12 +342,12 @@ impl Relay {
             last_seq,
             status: outcome.status(),
             error: outcome.error().and_then(|e| serde_json::to_string(e).ok()),
-            usage: self.answer.usage.as_ref().map(|v| v.to_string()),
-            retriever_resources: self
+            usage: self
                 .answer
-                .retriever_resources
+                .usage
                 .as_ref()
-                .map(|v| v.to_string()),
+                .and_then(|usage| serde_json::to_string(usage).ok()),
+            retriever_resources: json_list(&self.answer.retriever_resources),
             agent_thoughts: json_list(&self.answer.thoughts),
             files: json_list(&self.answer.files),
             dify_message_id: ids.message_id.clone(),
@@ -358,21 +358,19 @@ impl Relay {
                 .answer
                 .usage
                 .as_ref()
-                .and_then(|usage| usage.get("total_tokens"))
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0),
+                .map_or(0, |usage| u64::try_from(usage.total_tokens).unwrap_or(0)),
         });
         let stored = self.write_final(&final_answer).await;
         // The batch has let go of it: the content moves on without a copy.
         let final_answer = Arc::unwrap_or_clone(final_answer);
         let chars = final_answer.content.chars().count();
+        let error = outcome.error().cloned();
         let message = match stored {
             Stored::Written(stored) => {
                 if final_answer.tokens > 0 {
                     self.app.writer.tokens_to_settle();
                 }
-                let error = final_answer.error.clone();
-                let mut message = self.describe(final_answer, stored.status, error);
+                let mut message = self.describe(final_answer.content, stored.status, error);
                 message.feedback = stored.feedback;
                 message.created_at = crate::db::types::utc(stored.created_at);
                 message.updated_at = crate::db::types::utc(stored.updated_at);
@@ -380,8 +378,7 @@ impl Relay {
             }
             Stored::Deleted => {
                 tracing::info!(message.id = %self.message_id, "the conversation was deleted while answering");
-                let (status, error) = (final_answer.status, final_answer.error.clone());
-                self.describe(final_answer, status, error)
+                self.describe(final_answer.content, final_answer.status, error)
             }
             Stored::NotSaved => {
                 let error = ChatError {
@@ -389,8 +386,7 @@ impl Relay {
                     message: "the answer could not be saved: the database is unavailable".into(),
                     status: None,
                 };
-                let json = serde_json::to_string(&error).ok();
-                self.describe(final_answer, MessageStatus::Failed, json)
+                self.describe(final_answer.content, MessageStatus::Failed, Some(error))
             }
         };
         let status = message.status;
@@ -445,26 +441,31 @@ impl Relay {
         }
     }
 
-    /// The answer as the final write stores it (with `status` and `error` as given).
+    /// The answer as the final write stores it (with `status` and `error` as given), from the
+    /// typed values the accumulator holds.
     fn describe(
-        &self,
-        answer: FinalAnswer,
+        &mut self,
+        content: String,
         status: MessageStatus,
-        error: Option<String>,
+        error: Option<ChatError>,
     ) -> Message {
-        let mut record = MessageRecord::new(
-            self.conversation.id,
-            MessageRole::Assistant,
-            answer.content,
+        let at = chrono::Utc::now();
+        Message {
+            id: self.message_id.into(),
+            conversation_id: self.conversation.id.into(),
+            role: MessageRole::Assistant,
+            content,
             status,
-        );
-        record.id = self.message_id;
-        record.error = error;
-        record.usage = answer.usage;
-        record.retriever_resources = answer.retriever_resources;
-        record.agent_thoughts = answer.agent_thoughts;
-        record.files = answer.files;
-        record.into()
+            error,
+            usage: self.answer.usage.take(),
+            retriever_resources: std::mem::take(&mut self.answer.retriever_resources),
+            agent_thoughts: std::mem::take(&mut self.answer.thoughts),
+            files: std::mem::take(&mut self.answer.files),
+            feedback: None,
+            created_at: at,
+            updated_at: at,
+            client_message_id: None,
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use crate::conversations::domain::{
     ConversationId, MessageId, MessageRole, MessageStatus, Rating, clean_title,
 };
 use crate::db::types::utc;
+use crate::dify::events as dify;
 use crate::error::{AppError, AppResult};
 use crate::graphql::context::ContextExt;
 use crate::graphql::pagination::{Page, build_page, decode_cursor, page_size};
@@ -125,7 +126,8 @@ pub struct ChatError {
 }
 
 /// Token usage and cost of an answer, as Dify reported it.
-#[derive(SimpleObject, Clone, Serialize, Deserialize, Debug)]
+#[derive(SimpleObject, Clone, Serialize, Deserialize, Debug, Default, PartialEq)]
+#[serde(default)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: i64,
@@ -142,7 +144,7 @@ pub struct Usage {
 }
 
 /// A knowledge-base passage the answer drew on.
-#[derive(SimpleObject, Clone, Serialize, Deserialize, Debug)]
+#[derive(SimpleObject, Clone, Serialize, Deserialize, Debug, PartialEq)]
 pub struct RetrieverResource {
     /// Citation number.
     pub position: Option<i32>,
@@ -233,61 +235,82 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T
     text.as_deref().and_then(|t| serde_json::from_str(t).ok())
 }
 
-fn int(v: &Value, key: &str) -> Option<i64> {
-    v.get(key).and_then(|x| {
-        x.as_i64()
-            .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
-    })
+/// A stored value of Dify's: written as rechat's type, which has Dify's field names; rows from
+/// before hold Dify's JSON as it came, and what of it does not fit the type is read as the
+/// stream is (`read`).
+fn parse_dify<T: serde::de::DeserializeOwned>(
+    text: &Option<String>,
+    read: impl FnOnce(&Value) -> Option<T>,
+) -> Option<T> {
+    parse_json(text).or_else(|| read(&parse_json::<Value>(text)?))
 }
 
-fn text(v: &Value, key: &str) -> Option<String> {
-    match v.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+impl From<dify::AgentThought> for AgentThought {
+    fn from(t: dify::AgentThought) -> Self {
+        Self {
+            id: t.id.into(),
+            position: t.position,
+            thought: t.thought,
+            tool: t.tool,
+            tool_input: t.tool_input,
+            observation: t.observation,
+            files: t.files,
+        }
     }
 }
 
-fn float(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(|x| {
-        x.as_f64()
-            .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
-    })
-}
-
-/// Reads Dify's `usage` object.
-pub fn usage_from_dify(v: &Value) -> Usage {
-    Usage {
-        prompt_tokens: int(v, "prompt_tokens").unwrap_or(0),
-        completion_tokens: int(v, "completion_tokens").unwrap_or(0),
-        total_tokens: int(v, "total_tokens").unwrap_or(0),
-        total_price: text(v, "total_price"),
-        currency: text(v, "currency"),
-        latency: float(v, "latency"),
+impl From<dify::MessageFile> for MessageFile {
+    fn from(f: dify::MessageFile) -> Self {
+        Self {
+            id: f.id.into(),
+            kind: f.kind,
+            url: f.url,
+            belongs_to: f.belongs_to,
+        }
     }
 }
 
-fn resource_from_dify(v: &Value) -> RetrieverResource {
-    RetrieverResource {
-        position: int(v, "position").map(|p| p as i32),
-        dataset_id: text(v, "dataset_id"),
-        dataset_name: text(v, "dataset_name"),
-        document_id: text(v, "document_id"),
-        document_name: text(v, "document_name"),
-        segment_id: text(v, "segment_id"),
-        score: float(v, "score"),
-        content: text(v, "content"),
+impl From<dify::Usage> for Usage {
+    fn from(u: dify::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+            total_price: u.total_price,
+            currency: u.currency,
+            latency: u.latency,
+        }
+    }
+}
+
+impl From<dify::RetrieverResource> for RetrieverResource {
+    fn from(r: dify::RetrieverResource) -> Self {
+        Self {
+            position: r.position,
+            dataset_id: r.dataset_id,
+            dataset_name: r.dataset_name,
+            document_id: r.document_id,
+            document_name: r.document_name,
+            segment_id: r.segment_id,
+            score: r.score,
+            content: r.content,
+        }
     }
 }
 
 impl From<MessageRecord> for Message {
     fn from(m: MessageRecord) -> Self {
-        let usage = parse_json::<Value>(&m.usage).map(|u| usage_from_dify(&u));
-        let retriever_resources = parse_json::<Vec<Value>>(&m.retriever_resources)
-            .unwrap_or_default()
-            .iter()
-            .map(resource_from_dify)
-            .collect();
+        let usage = parse_dify(&m.usage, |v| dify::Usage::from_dify(v).map(Usage::from));
+        let retriever_resources = parse_dify(&m.retriever_resources, |v| {
+            let items = v.as_array()?.iter();
+            Some(
+                items
+                    .filter_map(dify::RetrieverResource::from_dify)
+                    .map(RetrieverResource::from)
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
         Self {
             id: m.id.into(),
             conversation_id: m.conversation_id.into(),
@@ -555,5 +578,63 @@ impl ConversationMutation {
         }
         tracing::info!(conversation.id = %id, "conversation deleted");
         Ok(id.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversations::domain::{ConversationId, MessageRole, MessageStatus};
+
+    fn stored(usage: &str, resources: &str) -> Message {
+        let mut record = MessageRecord::new(
+            ConversationId::new(),
+            MessageRole::Assistant,
+            "a".into(),
+            MessageStatus::Completed,
+        );
+        record.usage = Some(usage.into());
+        record.retriever_resources = Some(resources.into());
+        record.into()
+    }
+
+    #[test]
+    fn stored_usage_reads_as_written_and_as_dify_sent_it_before() {
+        let usage = Usage {
+            prompt_tokens: 12,
+            completion_tokens: 3,
+            total_tokens: 15,
+            total_price: Some("0.5".into()),
+            currency: Some("USD".into()),
+            latency: Some(1.5),
+        };
+        let resource = RetrieverResource {
+            position: Some(1),
+            dataset_id: None,
+            dataset_name: None,
+            document_id: None,
+            document_name: Some("a.pdf".into()),
+            segment_id: None,
+            score: Some(0.9),
+            content: None,
+        };
+        // As the final write stores them now.
+        let written = stored(
+            &serde_json::to_string(&usage).unwrap(),
+            &serde_json::to_string(&[&resource]).unwrap(),
+        );
+        assert_eq!(written.usage.as_ref(), Some(&usage));
+        assert_eq!(written.retriever_resources, std::slice::from_ref(&resource));
+        // Rows from before: Dify's JSON as it came, with its extra fields, numbers sent as
+        // text, and a workflow's bare token count.
+        let dify = stored(
+            r#"{"prompt_tokens":"12","prompt_unit_price":"0.1","completion_tokens":3,"total_tokens":15,"total_price":0.5,"currency":"USD","latency":1.5}"#,
+            r#"[{"position":"1","document_name":"a.pdf","score":"0.9","hit_count":3}]"#,
+        );
+        assert_eq!(dify.usage.as_ref(), Some(&usage));
+        assert_eq!(dify.retriever_resources, [resource]);
+        let workflow = stored(r#"{"total_tokens":24}"#, "[]");
+        assert_eq!(workflow.usage.map(|u| u.total_tokens), Some(24));
+        assert!(stored("not json", "{}").usage.is_none());
     }
 }

@@ -32,6 +32,65 @@ pub struct MessageFile {
     pub belongs_to: Option<String>,
 }
 
+/// `message_end.metadata.usage`: the answer's tokens and price.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    /// A decimal string, as Dify sends prices.
+    pub total_price: Option<String>,
+    pub currency: Option<String>,
+    /// Seconds.
+    pub latency: Option<f64>,
+}
+
+impl Usage {
+    /// Reads Dify's usage object; numbers sent as text are read too. `None` if it is not an
+    /// object.
+    pub fn from_dify(value: &Value) -> Option<Self> {
+        let map = value.as_object()?;
+        Some(Self {
+            prompt_tokens: int(map, "prompt_tokens").unwrap_or(0),
+            completion_tokens: int(map, "completion_tokens").unwrap_or(0),
+            total_tokens: int(map, "total_tokens").unwrap_or(0),
+            total_price: string(map, "total_price"),
+            currency: string(map, "currency"),
+            latency: float(map, "latency"),
+        })
+    }
+}
+
+/// One of `message_end.metadata.retriever_resources`: a knowledge-base passage the answer cites.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetrieverResource {
+    pub position: Option<i32>,
+    pub dataset_id: Option<String>,
+    pub dataset_name: Option<String>,
+    pub document_id: Option<String>,
+    pub document_name: Option<String>,
+    pub segment_id: Option<String>,
+    pub score: Option<f64>,
+    pub content: Option<String>,
+}
+
+impl RetrieverResource {
+    /// Reads one of Dify's retriever resources; `None` if it is not an object.
+    pub fn from_dify(value: &Value) -> Option<Self> {
+        let map = value.as_object()?;
+        Some(Self {
+            position: int(map, "position").and_then(|p| i32::try_from(p).ok()),
+            dataset_id: string(map, "dataset_id"),
+            dataset_name: string(map, "dataset_name"),
+            document_id: string(map, "document_id"),
+            document_name: string(map, "document_name"),
+            segment_id: string(map, "segment_id"),
+            score: float(map, "score"),
+            content: string(map, "content"),
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// `message`, `agent_message` or `text_chunk`: a piece of the answer.
@@ -40,11 +99,11 @@ pub enum Event {
     AnswerReplaced(String),
     AgentThought(AgentThought),
     MessageFile(MessageFile),
-    /// `message_end`: usage, retriever resources and files in `metadata`.
+    /// `message_end`: usage and retriever resources from its `metadata`, and its `files`.
     MessageEnd {
-        usage: Option<Value>,
-        retriever_resources: Option<Value>,
-        files: Option<Value>,
+        usage: Option<Usage>,
+        retriever_resources: Vec<RetrieverResource>,
+        files: Vec<MessageFile>,
     },
     /// `workflow_*`, `node_*`, `iteration_*`, `loop_*`, `parallel_branch_*`, `agent_log`.
     Workflow {
@@ -92,6 +151,45 @@ fn non_empty(map: &Map<String, Value>, key: &str) -> Option<String> {
     string(map, key).filter(|s| !s.is_empty())
 }
 
+/// A number Dify sent as a number or as text.
+fn int(map: &Map<String, Value>, key: &str) -> Option<i64> {
+    let value = map.get(key)?;
+    value
+        .as_i64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+}
+
+fn float(map: &Map<String, Value>, key: &str) -> Option<f64> {
+    let value = map.get(key)?;
+    value
+        .as_f64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+}
+
+/// One of `message_end.files` (Dify's file objects, named by `related_id`, `upload_file_id` or
+/// `id`); `None` without an id.
+fn end_file(value: &Value) -> Option<MessageFile> {
+    let map = value.as_object()?;
+    let id = ["related_id", "upload_file_id", "id"]
+        .iter()
+        .find_map(|key| non_empty(map, key))?;
+    Some(MessageFile {
+        id,
+        kind: non_empty(map, "type").unwrap_or_else(|| "file".into()),
+        url: non_empty(map, "url").or_else(|| non_empty(map, "remote_url")),
+        belongs_to: non_empty(map, "belongs_to").or_else(|| Some("assistant".into())),
+    })
+}
+
+/// The items of a JSON array read with `read`, skipping what it cannot read; none if it is not
+/// an array.
+fn list<T>(value: Option<&Value>, read: impl Fn(&Value) -> Option<T>) -> Vec<T> {
+    value
+        .and_then(Value::as_array)
+        .map(|items| items.iter().filter_map(read).collect())
+        .unwrap_or_default()
+}
+
 /// The longest Dify id kept (Dify's are UUIDs; the columns hold 64): a longer one is not an id
 /// Dify sends, and storing it would fail every write of the answer.
 pub const ID_MAX: usize = 64;
@@ -135,21 +233,14 @@ pub fn decode(data: &str) -> Result<StreamEvent, String> {
         }
         "agent_thought" => Event::AgentThought(AgentThought {
             id: string(map, "id").unwrap_or_default(),
-            position: map.get("position").and_then(Value::as_i64).unwrap_or(0) as i32,
+            position: int(map, "position")
+                .and_then(|p| i32::try_from(p).ok())
+                .unwrap_or(0),
             thought: string(map, "thought").unwrap_or_default(),
             tool: non_empty(map, "tool"),
             tool_input: non_empty(map, "tool_input"),
             observation: non_empty(map, "observation"),
-            files: map
-                .get("message_files")
-                .and_then(Value::as_array)
-                .map(|files| {
-                    files
-                        .iter()
-                        .filter_map(|f| f.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            files: list(map.get("message_files"), |f| f.as_str().map(str::to_owned)),
         }),
         "message_file" => Event::MessageFile(MessageFile {
             id: string(map, "id").unwrap_or_default(),
@@ -158,17 +249,16 @@ pub fn decode(data: &str) -> Result<StreamEvent, String> {
             belongs_to: non_empty(map, "belongs_to"),
         }),
         "message_end" => {
-            let metadata = map.get("metadata").and_then(Value::as_object);
-            let pick = |key: &str| {
-                metadata
-                    .and_then(|m| m.get(key))
-                    .filter(|v| !v.is_null())
-                    .cloned()
-            };
+            let metadata = map.get("metadata");
             Event::MessageEnd {
-                usage: pick("usage"),
-                retriever_resources: pick("retriever_resources"),
-                files: map.get("files").filter(|v| !v.is_null()).cloned(),
+                usage: metadata
+                    .and_then(|m| m.get("usage"))
+                    .and_then(Usage::from_dify),
+                retriever_resources: list(
+                    metadata.and_then(|m| m.get("retriever_resources")),
+                    RetrieverResource::from_dify,
+                ),
+                files: list(map.get("files"), end_file),
             }
         }
         "workflow_finished" => {
@@ -252,6 +342,56 @@ mod tests {
             }
         );
         assert_eq!(e.raw["audio"], "AAA");
+    }
+
+    #[test]
+    fn message_end_metadata_is_typed_reading_numbers_sent_as_text() {
+        let e = decode(
+            r#"{"event":"message_end","metadata":{
+                "usage":{"prompt_tokens":"12","completion_tokens":3,"total_tokens":15,"total_price":0.5,"currency":"USD","latency":"1.5","prompt_unit_price":"0.1"},
+                "retriever_resources":[{"position":1,"document_name":"a.pdf","score":0.9,"hit_count":3},"junk"]},
+              "files":[{"related_id":"f1","type":"image","url":"u"},{"upload_file_id":"f2","remote_url":"r","belongs_to":"user"},{"type":"image"}]}"#,
+        )
+        .unwrap();
+        let file = |id: &str, kind: &str, url: &str, belongs_to: &str| MessageFile {
+            id: id.into(),
+            kind: kind.into(),
+            url: Some(url.into()),
+            belongs_to: Some(belongs_to.into()),
+        };
+        assert_eq!(
+            e.event,
+            Event::MessageEnd {
+                usage: Some(Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 3,
+                    total_tokens: 15,
+                    total_price: Some("0.5".into()),
+                    currency: Some("USD".into()),
+                    latency: Some(1.5),
+                }),
+                retriever_resources: vec![RetrieverResource {
+                    position: Some(1),
+                    document_name: Some("a.pdf".into()),
+                    score: Some(0.9),
+                    ..RetrieverResource::default()
+                }],
+                files: vec![
+                    file("f1", "image", "u", "assistant"),
+                    file("f2", "file", "r", "user"),
+                ],
+            }
+        );
+        let bare =
+            decode(r#"{"event":"message_end","metadata":{"usage":null},"files":null}"#).unwrap();
+        assert_eq!(
+            bare.event,
+            Event::MessageEnd {
+                usage: None,
+                retriever_resources: Vec::new(),
+                files: Vec::new(),
+            }
+        );
     }
 
     #[test]
