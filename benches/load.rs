@@ -617,6 +617,29 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the process has used (user and system, all threads).
+fn cpu_time(pid: u32) -> Duration {
+    static TICKS_PER_SECOND: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let ticks: u64 = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // After the command name (in parentheses, which may hold spaces): utime and stime
+            // are the 12th and 13th fields.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / *TICKS_PER_SECOND)
+}
+
 async fn questions(conn: &mut AsyncMysqlConnection) -> u64 {
     #[derive(diesel::QueryableByName)]
     struct Status {
@@ -842,6 +865,7 @@ async fn run(rows: Vec<Row>, settle: Duration) {
         let questions_before = questions(&mut admin).await;
         let metrics_before = scrape(gateway.port).await;
         let started = Instant::now();
+        let cpu_before = cpu_time(pid);
         let connecting = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
         let lag = LagProbe::start();
         // New chats arrive at RAMP_PER_SECOND, not all in the same millisecond.
@@ -860,6 +884,7 @@ async fn run(rows: Vec<Row>, settle: Duration) {
             }
         }));
         let (results, ()) = tokio::join!(streams, freeze);
+        let cpu = cpu_time(pid).saturating_sub(cpu_before);
         let lag = lag.stop();
         report(
             row,
@@ -878,7 +903,9 @@ async fn run(rows: Vec<Row>, settle: Duration) {
             1e3 * delta(&format!("{name}_sum")) / delta(&format!("{name}_count")).max(1.0)
         };
         println!(
-            "  gateway: writer {:.0} statements ({:.1}/s), mean pool wait {:.2} ms, mean turn start {:.2} ms ({:.1} first turns per save), mean Dify first event {:.2} ms, mean relay {:.3} ms",
+            "  gateway: CPU {:.2} s ({:.1} µs per delta, start-up included), writer {:.0} statements ({:.1}/s), mean pool wait {:.2} ms, mean turn start {:.2} ms ({:.1} first turns per save), mean Dify first event {:.2} ms, mean relay {:.3} ms",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / (row.streams * n) as f64,
             delta("rechat_writer_statements_total"),
             delta("rechat_writer_statements_total") / started.elapsed().as_secs_f64(),
             mean_ms("rechat_pool_wait_seconds"),

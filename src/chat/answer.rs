@@ -204,12 +204,7 @@ impl Answer {
             relay: Some(event),
             ..Step::default()
         };
-        let StreamEvent {
-            name,
-            event,
-            ids,
-            raw,
-        } = event;
+        let StreamEvent { name, event, ids } = event;
         // Dify's "New Agent" ends with one `message` repeating the whole answer: not a delta.
         let event = match event {
             Event::AnswerDelta(full) if self.mode == AppMode::Agent && name == "message" => {
@@ -275,6 +270,7 @@ impl Answer {
                 usage,
                 retriever_resources,
                 files,
+                raw,
             } => {
                 if let Some(usage) = usage {
                     self.usage = Some(usage.into());
@@ -340,7 +336,7 @@ impl Answer {
                 )),
                 ..Step::default()
             },
-            Event::Other { event } => relay(dify_event(event, raw)),
+            Event::Other { event, raw } => relay(dify_event(event, raw)),
         }
     }
 
