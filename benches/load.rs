@@ -1,5 +1,5 @@
 //! Load benchmark: `cargo bench --bench load [-- ROW …]` (rows: 1 200 1000 4000 8000 raw1 raw20
-//! freeze neverread logins uploads; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
+//! freeze freeze70 neverread logins uploads; default all). Not part of `cargo test`. Results and the machine: docs/PERFORMANCE.md.
 //!
 //! The gateway is the release binary in its own process, pinned to core 0 (`taskset`), on a
 //! fresh database of the local MariaDB (the freeze row's gateway reaches it through a TCP proxy
@@ -67,6 +67,12 @@ const ROWS: &[Row] = &[
     Row {
         freeze: Some(Duration::from_secs(15)),
         ..row("freeze", 200, 100, 250)
+    },
+    // Longer than a gateway lease (20 s); every answer ends while the database is frozen, and
+    // its final write waits for the thaw.
+    Row {
+        freeze: Some(Duration::from_secs(70)),
+        ..row("freeze70", 200, 200, 250)
     },
     // Five clients that never read a 50 MB answer (its own table; see `never_reading`).
     row("neverread", 5, 51_200, 0),

@@ -72,9 +72,10 @@ pub async fn expired(
 }
 
 /// Renews `gateway`'s lease for as long as the process runs (the first renewal is at once).
-/// Failures are logged once per outage: a lease that lapses while the database is away only
-/// lets other gateways mark this one's answers INTERRUPTED early, and each answer's final
-/// write puts its real outcome back.
+/// Failures are logged once per outage. A lease that lapses while the database is away is
+/// renewed when it returns, before any sweeper judges it (see `chat::spawn_sweeper`); one that
+/// lapses while only this process is cut off lets the others mark its answers INTERRUPTED
+/// early, and each answer's final write puts its real outcome back.
 pub fn spawn_lease(
     db: Db,
     shared: Shared,

@@ -370,21 +370,40 @@ async fn stored_within(app: &App, id: MessageId, wait: Duration) -> bool {
 /// Marks answers of dead gateway processes INTERRUPTED, for as long as the process runs: those
 /// of gateways whose lease expired, as often as leases are renewed; and every 30 s those that
 /// name no live gateway and stopped being written (rows from before leases, a lease forgotten).
+///
+/// A lease also lapses when the database was away for longer than a lease, for every gateway
+/// at once: so this process never judges its own lease (it is alive), and judges others' only
+/// once it has reached the database, promptly, for a whole lease, which gives every live
+/// gateway the time to renew first.
 pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let lease = app.config.gateway_lease;
-        let mut every = tokio::time::interval(crate::gateways::renew_every(lease));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = crate::gateways::renew_every(lease);
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_stale_sweep: Option<tokio::time::Instant> = None;
+        let mut reachable_since: Option<tokio::time::Instant> = None;
         loop {
-            every.tick().await;
+            ticks.tick().await;
+            let started = tokio::time::Instant::now();
             let stale_after = app.config.stale_stream_after;
             let stale_due = last_stale_sweep.is_none_or(|at| at.elapsed() >= STALE_SWEEP);
+            let judge_leases = reachable_since.is_some_and(|since| since.elapsed() >= lease);
             let result = app
                 .writer_db
                 .run(crate::db::STATEMENT_TIMEOUT, async |conn| {
                     let mut marked = 0;
-                    for gateway in crate::gateways::expired(conn, lease).await? {
+                    let mut expired = if judge_leases {
+                        crate::gateways::expired(conn, lease).await?
+                    } else {
+                        Vec::new()
+                    };
+                    if started.elapsed() > every {
+                        // The read waited: the database was away or slow just now, and the
+                        // leases it found lapsed may be renewed a moment from now.
+                        expired.clear();
+                    }
+                    for gateway in expired.into_iter().filter(|g| *g != app.gateway) {
                         marked += db::interrupt_gateway(conn, gateway).await?;
                         crate::gateways::release(conn, gateway).await?;
                     }
@@ -394,6 +413,11 @@ pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
                     Ok(marked)
                 })
                 .await;
+            if result.is_err() || started.elapsed() > every {
+                reachable_since = None;
+            } else {
+                reachable_since.get_or_insert(started);
+            }
             if stale_due && result.is_ok() {
                 last_stale_sweep = Some(tokio::time::Instant::now());
             }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::chat::CHAT;
 use crate::harness::fake_dify::Script;
 use crate::harness::proxy::FreezableProxy;
-use crate::harness::ws::{OpMessage, TRANSPORT_WS};
+use crate::harness::ws::{OpMessage, TRANSPORT_WS, WsClient};
 use crate::harness::{TestApp, db::server_url};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -362,6 +362,58 @@ async fn a_frozen_database_delays_no_delta_and_loses_no_answer() {
     }
     assert!(metrics.contains("rechat_relay_seconds_bucket"));
     assert!(metrics.contains("rechat_writer_lag_seconds_count"));
+}
+
+/// A freeze longer than a lease lets every gateway's lease lapse at once. When the database
+/// returns, neither the relaying gateway nor another one marks the live answer INTERRUPTED:
+/// a gateway never judges its own lease, and judges others' only after reaching the database
+/// for a whole lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freeze_longer_than_a_lease_interrupts_no_live_answer() {
+    const LEASE: Duration = Duration::from_secs(1);
+    let (proxy, a) = behind_proxy(|c| c.gateway_lease = LEASE).await;
+    rechat::chat::spawn_sweeper(a.app.clone());
+    // A second gateway on the same database, behind the same proxy, sweeping too.
+    let b = rechat::App::build(a.app.config.clone())
+        .await
+        .expect("gateway B");
+    rechat::chat::spawn_sweeper(b.clone());
+    let (admin, user) = a.admin_and_user().await;
+    a.configure_dify(&admin, "chat").await;
+    a.dify.push(Script::Long {
+        deltas: 160,
+        pause: Duration::from_millis(50),
+    });
+    let mut ws = user.ws(TRANSPORT_WS).await;
+    ws.subscribe(CHAT, json!({ "input": { "query": "a long answer" } }))
+        .await;
+    // The client reads all along (a client that stops reading is closed after two pings).
+    let mut events = Vec::new();
+    let mut read_for = async |ws: &mut WsClient, time: Duration| {
+        let until = Instant::now() + time;
+        while let Ok(message) = tokio::time::timeout_at(until, ws.next_op()).await {
+            let OpMessage::Next(payload) = message else {
+                panic!("the stream ended early: {events:?}")
+            };
+            events.push(payload["data"]["chat"].clone());
+        }
+    };
+    // Both sweepers have looked at the leases by now (every quarter of a lease).
+    read_for(&mut ws, LEASE * 2).await;
+    proxy.freeze();
+    read_for(&mut ws, LEASE * 3).await;
+    proxy.thaw();
+    // Several sweeps of both gateways after the thaw, while Dify still streams.
+    read_for(&mut ws, LEASE * 3 / 2).await;
+    let status = "SELECT status AS value FROM messages WHERE role = 'ASSISTANT'";
+    assert_eq!(a.sql_strings(status).await, ["STREAMING"]);
+    let rest = ws.collect().await.expect("the answer's events");
+    events.extend(rest.iter().map(|payload| payload["data"]["chat"].clone()));
+    let done = events.last().unwrap();
+    assert_eq!(done["__typename"], "ChatCompleted", "{done}");
+    let content = done["message"]["content"].as_str().unwrap();
+    assert_eq!(content.split_whitespace().count(), 160);
+    assert_eq!(a.sql_strings(status).await, ["COMPLETED"]);
 }
 
 async fn first(app: &TestApp, sql: &str) -> String {
