@@ -389,6 +389,9 @@ pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
             let stale_after = app.config.stale_stream_after;
             let stale_due = last_stale_sweep.is_none_or(|at| at.elapsed() >= STALE_SWEEP);
             let judge_leases = reachable_since.is_some_and(|since| since.elapsed() >= lease);
+            // Leases lapse only in an outage longer than three quarters of a lease, which holds
+            // a sweep that meets it for more than half a lease: a slower sweep counts as one.
+            let slow = lease / 2;
             let result = app
                 .writer_db
                 .run(crate::db::STATEMENT_TIMEOUT, async |conn| {
@@ -398,7 +401,7 @@ pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
                     } else {
                         Vec::new()
                     };
-                    if started.elapsed() > every {
+                    if started.elapsed() > slow {
                         // The read waited: the database was away or slow just now, and the
                         // leases it found lapsed may be renewed a moment from now.
                         expired.clear();
@@ -413,7 +416,7 @@ pub fn spawn_sweeper(app: App) -> tokio::task::JoinHandle<()> {
                     Ok(marked)
                 })
                 .await;
-            if result.is_err() || started.elapsed() > every {
+            if result.is_err() || started.elapsed() > slow {
                 reachable_since = None;
             } else {
                 reachable_since.get_or_insert(started);
