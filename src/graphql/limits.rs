@@ -5,12 +5,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery,
 };
 use async_graphql::parser::types::{
-    DocumentOperations, ExecutableDocument, FragmentDefinition, Selection, SelectionSet,
+    DocumentOperations, ExecutableDocument, FragmentDefinition, OperationType, Selection,
+    SelectionSet,
 };
 use async_graphql::{Name, Positioned, Response, ServerError, ServerResult, Variables};
 
@@ -28,16 +30,25 @@ pub fn page_cost(first: Option<i32>, last: Option<i32>, child: usize) -> usize {
     size.saturating_mul(child.max(1))
 }
 
+/// The limits' extension; each operation gets an [`OperationLimits`] of its own.
 pub struct QueryLimits;
 
 impl ExtensionFactory for QueryLimits {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(QueryLimits)
+        Arc::new(OperationLimits::default())
     }
 }
 
+#[derive(Default)]
+struct OperationLimits {
+    /// Every operation of the document is a subscription. async-graphql runs the `execute`
+    /// hook once per event of a subscription: the operation timeout, which is for queries and
+    /// mutations, would cost a timer per event (a tenth of the gateway's CPU per delta).
+    subscription: AtomicBool,
+}
+
 #[async_graphql::async_trait::async_trait]
-impl Extension for QueryLimits {
+impl Extension for OperationLimits {
     async fn parse_query(
         &self,
         ctx: &ExtensionContext<'_>,
@@ -50,7 +61,7 @@ impl Extension for QueryLimits {
             DocumentOperations::Single(operation) => vec![operation],
             DocumentOperations::Multiple(operations) => operations.values().collect(),
         };
-        for operation in operations {
+        for operation in &operations {
             let mut count = Count::default();
             count.directives += operation.node.directives.len();
             count.selection_set(
@@ -69,6 +80,10 @@ impl Extension for QueryLimits {
                 )));
             }
         }
+        let subscription = operations
+            .iter()
+            .all(|operation| operation.node.ty == OperationType::Subscription);
+        self.subscription.store(subscription, Ordering::Relaxed);
         Ok(document)
     }
 
@@ -82,6 +97,9 @@ impl Extension for QueryLimits {
         // for a frozen database ends here (HTTP 503) instead of holding its client for minutes.
         // The interactive pool checks a connection before lending it again, so one left
         // mid-statement is replaced.
+        if self.subscription.load(Ordering::Relaxed) {
+            return next.run(ctx, operation_name).await;
+        }
         let Some(limit) = ctx
             .data_opt::<App>()
             .map(|app| app.config.operation_timeout)
