@@ -43,7 +43,7 @@ impl ExtensionFactory for QueryLimits {
 struct OperationLimits {
     /// Every operation of the document is a subscription. async-graphql runs the `execute`
     /// hook once per event of a subscription: the operation timeout, which is for queries and
-    /// mutations, would cost a timer per event (a tenth of the gateway's CPU per delta).
+    /// mutations, would register and clear a timer for every event.
     subscription: AtomicBool,
 }
 
