@@ -958,10 +958,12 @@ async fn a_subscriber_that_stops_reading_catches_up_through_a_snapshot_and_misse
         .iter()
         .filter(|e| e["__typename"] == "ChatSnapshot")
         .collect();
-    assert_eq!(
-        snapshots.len(),
-        1,
-        "one snapshot for the part no longer kept"
+    // One for the part trimmed while the client did not read; under load the subscriber can
+    // also start behind the flood and catch up through a first one.
+    assert!(
+        (1..=2).contains(&snapshots.len()),
+        "snapshots for the parts no longer kept: {}",
+        snapshots.len()
     );
     assert!(events.len() < 1500, "caught up without every delta");
     for pair in events.windows(2) {
